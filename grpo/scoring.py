@@ -32,9 +32,15 @@ def place(values: list[list[float]], prompts: list[list[int]], width: int, devic
 
 
 def sequence_logprobs(model, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
-    """Logprob of every target under softmax(logits / T): [B, L-1] float32 (zero where mask is 0)."""
-    logits = model(input_ids=batch["ids"], attention_mask=batch["attention"]).logits[:, :-1]
-    return token_logprobs(logits, batch["targets"], temperature) * batch["mask"]
+    """Logprob of every completion target under softmax(logits / T): [B, L-1] float32, zero where mask is 0.
+
+    The vocabulary projection runs on completion positions only: prompts (few-shot exemplars) are most of
+    each row, and [B, L, V] logits would be most of the memory and a fifth of the FLOPs for nothing."""
+    hidden = model.get_decoder()(input_ids=batch["ids"], attention_mask=batch["attention"]).last_hidden_state
+    where = batch["mask"].bool()
+    logits = model.get_output_embeddings()(hidden[:, :-1][where])  # [N, V], N = completion tokens
+    picked = token_logprobs(logits.unsqueeze(0), batch["targets"][where].unsqueeze(0), temperature)[0]
+    return torch.zeros(where.shape, device=picked.device, dtype=picked.dtype).masked_scatter(where, picked)
 
 
 def unplace(values: torch.Tensor, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
@@ -45,13 +51,21 @@ def unplace(values: torch.Tensor, prompts: list[list[int]], completions: list[li
 
 @torch.no_grad()
 def score_completions(model, prompts, completions, pad_id: int, temperature: float, batch_size: int = 16,
-                      show_progress: bool = False) -> list[list[float]]:
-    """Per-token logprobs of each completion, batched, no grad (reference model, parity checks)."""
+                      show_progress: bool = False, fast: bool = False) -> list[list[float]]:
+    """Per-token logprobs of each completion, batched, no grad (reference model, parity checks).
+
+    fast: bf16 autocast where the trainer uses it too, so that KL starts at ~0 rather than at the
+    float32-vs-bf16 rounding gap."""
+    import contextlib
+
     from tqdm.auto import tqdm
+
+    from grpo.model import autocast
 
     out: list[list[float]] = []
     for k in tqdm(range(0, len(prompts), batch_size), desc="score", leave=False, disable=not show_progress):
         p, c = prompts[k:k + batch_size], completions[k:k + batch_size]
         batch = pack(p, c, pad_id, model.device)
-        out += unplace(sequence_logprobs(model, batch, temperature), p, c)
+        with autocast(model.device.type) if fast else contextlib.nullcontext():
+            out += unplace(sequence_logprobs(model, batch, temperature), p, c)
     return out

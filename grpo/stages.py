@@ -79,12 +79,17 @@ def annotate(cfg, rows: list[dict], reference_model, pad_id: int, show_progress:
     for members, adv in zip(order, advantages.tolist()):
         for i, a in zip(members, adv):
             rows[i]["advantage"] = a
-    ref = score_completions(reference_model, [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows],
-                            pad_id, cfg.temperature, show_progress=show_progress)
-    for row, logps in zip(rows, ref):
+    # rows of flat groups (advantage 0) are not trained on when drop_flat_groups: don't score them either
+    scored = [r for r in rows if not cfg.drop_flat_groups or r["advantage"] != 0.0]
+    ref = score_completions(reference_model, [r["prompt_ids"] for r in scored],
+                            [r["completion_ids"] for r in scored], pad_id, cfg.temperature, show_progress=show_progress,
+                            fast=True)
+    for row in rows:
+        row["ref_logprobs"] = None
+    for row, logps in zip(scored, ref):
         row["ref_logprobs"] = logps
     flat = (rewards == rewards[:, :1]).all(dim=1)
-    sampler_gap = [abs(a - b) for r in rows for a, b in zip(r["logprobs"], r["ref_logprobs"])]
+    sampler_gap = [abs(a - b) for r in scored for a, b in zip(r["logprobs"], r["ref_logprobs"])]
     metrics = {"groups": len(order), "groups_without_signal": int(flat.sum()),
                "signal_fraction": 1 - flat.float().mean().item(), "advantage_abs_mean": advantages.abs().mean().item(),
                "sampler_ref_logprob_gap": sum(sampler_gap) / max(len(sampler_gap), 1)}

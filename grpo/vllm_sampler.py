@@ -21,35 +21,49 @@ class VLLMSampler:
     name = "vllm"
 
     def __init__(self, cfg, device: str, checkpoint: str = ""):
-        # in-process engine: weights can be swapped with a direct call, and no worker process to leak
+        # in-process engine: no worker process to leak when a run dies, and a rebuild is cheap
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if device == "cpu":
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB; the default takes much more
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; SmolLM2 at 4k tokens needs far less
         from vllm import LLM
 
         from grpo.model import load_tokenizer, resolve
 
         self.tokenizer = load_tokenizer(cfg.model)
-        kwargs = dict(model=checkpoint or resolve(cfg.model), tokenizer=resolve(cfg.model), seed=cfg.seed,
-                      logprobs_mode="processed_logprobs", max_model_len=4096, enable_prefix_caching=True)
+        self.kwargs = dict(tokenizer=resolve(cfg.model), seed=cfg.seed, logprobs_mode="processed_logprobs",
+                           max_model_len=4096, enable_prefix_caching=True)
         if device == "cpu":
-            kwargs.update(enforce_eager=True, dtype="float32")
+            self.kwargs.update(enforce_eager=True, dtype="float32")
         else:
-            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, dtype="bfloat16")
-        self.llm = LLM(**kwargs)
+            self.kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, dtype="bfloat16")
+        self._llm_class = LLM
+        self.llm = self._build(checkpoint or resolve(cfg.model))
+        # vllm-cpu 0.32 crashes on per-request seeds ("CPU Generator does not use offset"): there the engine
+        # seed alone makes a run repeatable
+        self.per_request_seed = device != "cpu"
         self.stats = GenerationStats()
 
     def load_weights(self, folder: str | Path) -> None:
-        """Swap in a new checkpoint's weights without rebuilding the engine (~0.4 s for SmolLM2 on CPU)."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+        """Serve a new checkpoint by rebuilding the engine on it.
+
+        vLLM's in-place `collective_rpc("reload_weights")` takes 0.2 s but, measured on vllm-cpu 0.32 with
+        SmolLM2, leaves stale weights behind (sampled logprobs off by up to 1.9 nats from the new checkpoint),
+        which would silently corrupt every importance ratio. A rebuild costs seconds and is right."""
+        import gc
+
+        del self.llm
+        gc.collect()
+        self.llm = self._build(str(folder))
+
+    def _build(self, model: str):
+        return self._llm_class(model=model, **self.kwargs)
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float, max_new_tokens: int,
                  seed: int = 0) -> list[list[Completion]]:
         from vllm import SamplingParams
 
         params = SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens,
-                                logprobs=0, seed=seed if temperature > 0 else None)
+                                logprobs=0, seed=seed if temperature > 0 and self.per_request_seed else None)
         started = time.perf_counter()
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
         results = []
@@ -63,3 +77,4 @@ class VLLMSampler:
         tokens = sum(len(c.token_ids) for group in results for c in group)
         self.stats = GenerationStats(tokens, time.perf_counter() - started)
         return results
+
