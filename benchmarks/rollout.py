@@ -40,6 +40,21 @@ def plain_generate(model, tokenizer, prompts, attempts, temperature, max_new_tok
     return texts, tokens
 
 
+def _logprob_gap(model_name, device, tokenizer, prompts, out, temperature, sample=64):
+    """Mean |sampler logprob - trainer logprob| over the tokens of `sample` completions (float32 trainer)."""
+    import torch
+
+    from grpo.model import load_model
+    from grpo.scoring import score_completions
+
+    model = load_model(model_name, device, dtype=torch.float32)
+    flat = [(p, c) for p, group in zip(prompts, out) for c in group][:sample]
+    rescored = score_completions(model, [p for p, _ in flat], [c.token_ids for _, c in flat], tokenizer.pad_token_id,
+                                 temperature)
+    gaps = [abs(a - b) for (_, c), r in zip(flat, rescored) for a, b in zip(c.logprobs, r)]
+    return sum(gaps) / max(len(gaps), 1)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="model id or folder")
@@ -107,6 +122,8 @@ def main(argv=None):
         if device == "cuda":
             torch.cuda.synchronize()
         record(backend, texts, tokens, time.perf_counter() - started)
+        if backend != "generate":  # do the sampler's logprobs describe what the trainer will score?
+            rows[-1]["logprob_gap"] = _logprob_gap(cfg.model, device, tokenizer, prompts, out, args.temperature)
         del sampler
         gc.collect()
 
@@ -114,12 +131,12 @@ def main(argv=None):
     card = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{args.problems} problems x {args.attempts} attempts, T={args.temperature}, max {args.max_new_tokens} "
           f"new tokens, {cfg.model}, {card}\n")
-    print("| backend | tokens/s | seconds | generated tokens | boxed rate | vs generate | peak GPU GiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| backend | tokens/s | seconds | generated tokens | boxed rate | vs generate | peak GPU GiB | logprob gap |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['tokens_per_s'] / base:.1f}x" if base else "-"
         print(f"| {r['backend']} | {r['tokens_per_s']:,.0f} | {r['seconds']:.1f} | {r['tokens']:,} | "
-              f"{r['boxed_rate']:.1%} | {ratio} | {r['peak_gpu_gib']:.1f} |")
+              f"{r['boxed_rate']:.1%} | {ratio} | {r['peak_gpu_gib']:.1f} | {r.get('logprob_gap', float('nan')):.4f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(args=vars(args), card=card, rows=rows), indent=1))
 

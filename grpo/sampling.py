@@ -32,8 +32,10 @@ class HFSampler:
 
     name = "hf"
 
-    def __init__(self, model, tokenizer, batch_size: int = 64, show_progress: bool = True):
+    def __init__(self, model, tokenizer, batch_size: int = 64, show_progress: bool = True, use_static: bool = True):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.use_static = use_static  # GPU + Llama family: static cache and CUDA graphs (grpo.static_decode)
+        self._decoder, self._decoder_key = None, None
         self.show_progress = show_progress
         self.stop_ids = _stop_ids(model, tokenizer)
         self.stats = GenerationStats()
@@ -73,8 +75,13 @@ class HFSampler:
     def _decode(self, prompts, n, temperature, max_new_tokens, generator) -> list[Completion]:
         import torch
 
+        from grpo import static_decode
+
         device = self.model.device
+        static = self.use_static and static_decode.supported(self.model)
         width = max(map(len, prompts))
+        if static:  # round up so that chunks share one preallocated cache and CUDA graph
+            width = -(-width // 64) * 64
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -95,20 +102,18 @@ class HFSampler:
             logits = out.logits[:, -1].float().repeat_interleave(n, 0)
             mask = mask.repeat_interleave(n, 0)
             next_pos = positions[:, -1].repeat_interleave(n, 0) + 1
+            if static:
+                return self._decode_static(cache, logits, mask, next_pos, width, temperature, max_new_tokens,
+                                           generator, stop)
             rows = torch.arange(len(prompts) * n, device=device)  # which output row each batch row is
             tokens = torch.full((len(rows), max_new_tokens), pad, dtype=torch.long, device=device)
             logps = torch.zeros((len(rows), max_new_tokens), device=device)
             lengths = torch.full((len(rows),), max_new_tokens, device=device)
             done = torch.zeros(len(rows), dtype=torch.bool, device=device)
             for step in range(max_new_tokens):
-                if temperature == 0:
-                    logp = torch.log_softmax(logits, -1)
-                    token = logp.argmax(-1)
-                else:
-                    logp = torch.log_softmax(logits / temperature, -1)
-                    token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+                token, logp = _draw(logits, temperature, generator)
                 tokens[rows, step] = token
-                logps[rows, step] = logp.gather(-1, token[:, None]).squeeze(-1)
+                logps[rows, step] = logp
                 finished = torch.isin(token, stop)
                 lengths[rows[finished]] = step + 1  # the stop token is part of the completion
                 done[rows[finished]] = True
@@ -123,9 +128,57 @@ class HFSampler:
                                  use_cache=True, **{self._cache_arg: cache})
                 logits = out.logits[:, -1].float()
                 next_pos = next_pos + 1
-        tokens, logps, lengths, done = tokens.tolist(), logps.tolist(), lengths.tolist(), done.tolist()
-        return [Completion(tokens[r][:int(lengths[r])], logps[r][:int(lengths[r])], not done[r])
-                for r in range(len(tokens))]
+        return _completions(tokens, logps, lengths, done)
+
+    def _decode_static(self, cache, logits, mask, next_pos, width, temperature, max_new_tokens, generator, stop):
+        """Lock-step decoding on a preallocated cache, one CUDA graph replay per token (GPU, Llama family)."""
+        import torch
+
+        from grpo.static_decode import StaticDecoder
+
+        rows = len(logits)
+        key = (rows, width, max_new_tokens)
+        if self._decoder_key != key:
+            self._decoder = None
+            torch.cuda.empty_cache()
+            self._decoder, self._decoder_key = StaticDecoder(self.model, rows, width, max_new_tokens), key
+        decoder = self._decoder
+        decoder.prefill(cache, mask, next_pos)
+        del cache
+        tokens = torch.full((rows, max_new_tokens), self.tokenizer.pad_token_id, dtype=torch.long,
+                            device=logits.device)
+        logps = torch.zeros((rows, max_new_tokens), device=logits.device)
+        lengths = torch.full((rows,), max_new_tokens, device=logits.device)
+        done = torch.zeros(rows, dtype=torch.bool, device=logits.device)
+        for step in range(max_new_tokens):
+            token, logp = _draw(logits, temperature, generator)
+            tokens[:, step] = token
+            logps[:, step] = logp
+            finished = torch.isin(token, stop) & ~done
+            lengths = torch.where(finished, step + 1, lengths)
+            done |= finished
+            if step + 1 == max_new_tokens or (step % 8 == 7 and bool(done.all())):  # sync rarely
+                break
+            logits = decoder.step(token)
+        return _completions(tokens, logps, lengths, done)
+
+
+def _draw(logits, temperature: float, generator):
+    """Next token and its logprob under softmax(logits / T); T = 0 is greedy."""
+    import torch
+
+    logp = torch.log_softmax(logits if temperature == 0 else logits / temperature, -1)
+    if temperature == 0:
+        token = logp.argmax(-1)
+    else:
+        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    return token, logp.gather(-1, token[:, None]).squeeze(-1)
+
+
+def _completions(tokens, logps, lengths, done) -> list[Completion]:
+    tokens, logps, lengths, done = tokens.tolist(), logps.tolist(), lengths.tolist(), done.tolist()
+    return [Completion(tokens[r][:int(lengths[r])], logps[r][:int(lengths[r])], not done[r])
+            for r in range(len(tokens))]
 
 
 def _stop_ids(model, tokenizer) -> list[int]:

@@ -1,0 +1,36 @@
+"""Export the newest main run of a store: every parent metric as CSV, the stage timings, and its learning curve.
+
+    python benchmarks/export_run.py OUT_DIR        # reads MLFLOW_TRACKING_URI (default sqlite:///mlflow.db)"""
+import csv
+import os
+import sys
+from pathlib import Path
+
+import mlflow
+
+
+def main(out: str) -> None:
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    client = mlflow.MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = [r for r in client.search_runs(experiments, order_by=["attributes.start_time DESC"])
+            if r.data.tags.get("grpo.stage") == "main"]
+    if not runs:
+        sys.exit("no main run in this store")
+    run, out_dir = runs[0], Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "metrics.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["metric", "step", "value", "timestamp_ms"])
+        for key in sorted(run.data.metrics):
+            for m in client.get_metric_history(run.info.run_id, key):
+                writer.writerow([key, m.step, m.value, m.timestamp])
+    try:
+        client.download_artifacts(run.info.run_id, "learning_curve.png", str(out_dir))
+    except Exception as e:  # a run killed before its first evaluation has no plot yet
+        print(f"no learning curve: {e}", file=sys.stderr)
+    print(f"exported run {run.info.run_id} ({run.info.status}) to {out_dir}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
