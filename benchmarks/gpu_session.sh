@@ -11,7 +11,7 @@ export MLFLOW_ALLOW_FILE_STORE=true MLFLOW_TRACKING_URI=file:///tmp/gpu_mlruns T
 case $phase in
 prepare)
   mkdir -p /tmp/m && cp .carry*/* /tmp/m/ 2>/dev/null
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/m/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/m/*.whl
   if ls /tmp/m/part_ab >/dev/null 2>&1; then
     cat /tmp/m/part_* > /tmp/m/model.gguf
     python3 - <<'PY'

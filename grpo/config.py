@@ -48,6 +48,7 @@ class Config:
     max_new_tokens: int = _f(160, "Token limit per completion; hitting it earns reward -1.")
     generation_batch_size: int = _f(64, "Sequences generated at once by the hf backend.")
     gpu_memory_utilization: float = _f(0.35, "vLLM: share of GPU memory for weights and KV cache.")
+    tensor_parallel_size: int = _f(1, "vLLM: GPUs to shard the rollout model over.")
     # --- annotate / loss ---
     scale_std: bool = _f(True, "Divide group-centred rewards by the group std (+1e-4), as the reference does.",
                          stages=("annotate", "main", "sweep"))
@@ -101,7 +102,7 @@ class Config:
     search: str = _f("temperature,attempts,learning_rate", "Comma-separated fields to search over.", stages=("sweep",))
 
     def validate(self) -> "Config":
-        positive = ["problems", "attempts", "max_new_tokens", "generation_batch_size", "train_batch_size",
+        positive = ["problems", "attempts", "max_new_tokens", "generation_batch_size", "tensor_parallel_size", "train_batch_size",
                     "gradient_accumulation_passes", "save_checkpoint_steps", "max_iterations", "n_trials"]
         for name in positive:
             if getattr(self, name) < 1:

