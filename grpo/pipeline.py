@@ -158,7 +158,7 @@ def run_main(cfg, on_eval: Callable[[int, float], None] | None = None) -> dict:
     state = State(folder)
     resolve(cfg.model)  # materialise the bundled model once, before any stage process needs it
     checkpoint = lambda i: folder / f"checkpoints/iter-{i:04d}"  # noqa: E731
-    trained = [i for i in range(cfg.max_iterations) if state.data["done"].get(f"finetune-{i}") is not None]
+    trained = [i for i in range(cfg.max_iterations) if f"finetune-{i}" in state.data["done"]]
     ws = Workspace(cfg, checkpoint=str(checkpoint(trained[-1])) if trained else "")
     result: dict[str, float] = {}
 
@@ -248,19 +248,5 @@ def _plot(client, run_id: str) -> None:
     left.set_title("test set (greedy)")
     right.set_title("train rollouts")
     fig.tight_layout()
-    with tempfile_path("learning_curve.png") as path:
-        fig.savefig(path, dpi=100)
-        mlflow.log_artifact(str(path))
+    mlflow.log_figure(fig, "learning_curve.png")
     plt.close(fig)
-
-
-def tempfile_path(name: str):
-    import contextlib
-    import tempfile
-
-    @contextlib.contextmanager
-    def manager():
-        with tempfile.TemporaryDirectory() as tmp:
-            yield Path(tmp) / name
-
-    return manager()

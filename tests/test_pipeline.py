@@ -75,7 +75,7 @@ def _wait_for(path: Path, key: str, process, timeout=600):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at", ["finetune-0", "rollout-1"])
+@pytest.mark.parametrize("kill_at", ["finetune-0", "rollout-1", "evaluate-1"])
 def test_killed_main_run_resumes_without_repeats(store, tiny_model_dir, kill_at):
     args = [sys.executable, str(ROOT / "entrypoints" / "main.py"), *SMALL, "--model", tiny_model_dir,
             "--max_iterations", "2", "--max_new_tokens", "8"]
