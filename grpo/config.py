@@ -39,7 +39,8 @@ class Config:
     # --- rollout ---
     backend: str = _f("auto", "Rollout engine: 'vllm', 'hf' (our torch sampler), or 'auto' (vllm if importable).",
                       choices=("auto", "hf", "vllm"))
-    device: str = _f("auto", "Torch device: 'auto' (cuda if available), 'cpu' or 'cuda'.", choices=("auto", "cpu", "cuda"))
+    device: str = _f("auto", "Torch device: 'auto' (cuda if available), 'cpu' or 'cuda'.",
+                     choices=("auto", "cpu", "cuda"))
     problems: int = _f(4, "Train problems sampled per iteration.", stages=SAMPLE)
     attempts: int = _f(8, "Completions sampled per problem (the GRPO group size).", stages=SAMPLE,
                        search=("int", 2, 16, {"step": 2}))
@@ -62,7 +63,8 @@ class Config:
                                 "so they add only the KL term and cost a full forward/backward.",
                                 stages=TRAIN + ("annotate",))
     # --- finetune ---
-    learning_rate: float = _f(1e-5, "AdamW peak learning rate.", stages=TRAIN, search=("float", 1e-6, 1e-4, {"log": True}))
+    learning_rate: float = _f(1e-5, "AdamW peak learning rate.", stages=TRAIN,
+                              search=("float", 1e-6, 1e-4, {"log": True}))
     weight_decay: float = _f(0.01, "AdamW weight decay.", stages=TRAIN)
     warmup_steps: int = _f(2, "Linear warm-up optimiser steps, then constant.", stages=TRAIN)
     grad_clip: float = _f(1.0, "Gradient-norm clip.", stages=TRAIN)
@@ -102,7 +104,8 @@ class Config:
     search: str = _f("temperature,attempts,learning_rate", "Comma-separated fields to search over.", stages=("sweep",))
 
     def validate(self) -> "Config":
-        positive = ["problems", "attempts", "max_new_tokens", "generation_batch_size", "tensor_parallel_size", "train_batch_size",
+        positive = ["problems", "attempts", "max_new_tokens", "generation_batch_size", "tensor_parallel_size",
+                    "train_batch_size",
                     "gradient_accumulation_passes", "save_checkpoint_steps", "max_iterations", "n_trials"]
         for name in positive:
             if getattr(self, name) < 1:

@@ -64,7 +64,8 @@ def load_split(dataset: str, split: str) -> list[Problem]:
         try:
             rows = datasets.load_dataset(dataset, "main", split=split)
         except Exception as e:  # offline, unknown id, ...
-            raise DataError(f"cannot load dataset {dataset!r} ({type(e).__name__}); offline? use dataset=bundled") from None
+            raise DataError(f"cannot load dataset {dataset!r} ({type(e).__name__}); "
+                            "offline? use dataset=bundled") from None
     return [Problem(f"{split}-{i}", r["question"], r["answer"], gold_answer(r["answer"])) for i, r in enumerate(rows)]
 
 

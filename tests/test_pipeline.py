@@ -52,7 +52,8 @@ def test_main_two_iterations_with_real_smollm2(store):
     stepped = [t for t in trained if t.metrics["optimizer_steps"] > 0]  # all-flat groups train nothing
     assert stepped, "no iteration had a group with different rewards"
     for t in stepped:
-        assert {"step_loss", "step_kl", "step_clip_fraction", "step_grad_norm", "step_learning_rate"} <= t.metrics.keys()
+        step_metrics = {"step_loss", "step_kl", "step_clip_fraction", "step_grad_norm", "step_learning_rate"}
+        assert step_metrics <= t.metrics.keys()
     assert trained[0].params["iteration"] == "0" and trained[0].params["annotated"].endswith("iter-0000.jsonl")
     for stage in ("evaluate-0", "rollout-0", "rollout-1", "evaluate-2"):  # engine rebuilds must not reuse trace ids
         traces = mlflow.search_traces(locations=[parent.info.experiment_id], run_id=children[stage].info.run_id)
@@ -134,7 +135,10 @@ def test_standalone_annotate_and_finetune_chain(store, tiny_model_dir, tmp_path)
     rows = [json.loads(line) for line in open(tmp_path / "a" / "iter-0000.jsonl")]
     assert len(rows) == 6
     for r in rows:  # flat groups (advantage 0) are not trained on, so not scored either
-        assert (r["ref_logprobs"] is None) if r["advantage"] == 0 else len(r["ref_logprobs"]) == len(r["completion_ids"])
+        if r["advantage"] == 0:
+            assert r["ref_logprobs"] is None
+        else:
+            assert len(r["ref_logprobs"]) == len(r["completion_ids"])
     run_entry("finetune", *common, "--annotated", str(tmp_path / "a" / "iter-0000.jsonl"), "--output",
               str(tmp_path / "ckpt"), "--train_batch_size", "3", "--gradient_accumulation_passes", "1")
     assert (tmp_path / "ckpt" / "model.safetensors").is_file()
