@@ -1,7 +1,9 @@
-"""Export the newest main run of a store: every parent metric as CSV, the stage timings, and its learning curve.
+"""Export the newest main run of a store: every parent metric as CSV, the run's times
+and parameters (run_info.json), and its learning curve.
 
     python benchmarks/export_run.py OUT_DIR        # reads MLFLOW_TRACKING_URI (default sqlite:///mlflow.db)"""
 import csv
+import json
 import os
 import sys
 from pathlib import Path
@@ -25,6 +27,10 @@ def main(out: str) -> None:
         for key in sorted(run.data.metrics):
             for m in client.get_metric_history(run.info.run_id, key):
                 writer.writerow([key, m.step, m.value, m.timestamp])
+    info = {"run_id": run.info.run_id, "status": run.info.status, "start_time_ms": run.info.start_time,
+            "end_time_ms": run.info.end_time, "params": run.data.params, "tags": {k: v for k, v in run.data.tags.items()
+                                                                                  if k.startswith("grpo.")}}
+    (out_dir / "run_info.json").write_text(json.dumps(info, indent=1))
     try:
         client.download_artifacts(run.info.run_id, "learning_curve.png", str(out_dir))
     except Exception as e:  # a run killed before its first evaluation has no plot yet

@@ -10,22 +10,15 @@ from grpo.data import DataError  # noqa: E402
 
 
 def main(cfg):
-    import mlflow
-
-    from grpo.finetune import finetune
+    from grpo.finetune import Trainer, train_logged
     from grpo.model import pick_device
 
     if not Path(cfg.annotated).is_file():
         raise DataError(f"annotated set {cfg.annotated or '(empty)'} not found; pass annotated=<annotate output>")
     with tracking.stage_run("finetune", cfg.as_params("finetune"), run_name=f"finetune-{cfg.iteration}"):
         output = Path(cfg.output or "checkpoints/latest")
-        log_step = lambda metrics, step: tracking.log_metrics(metrics, step=step, prefix="step_")  # noqa: E731
-        summary = finetune(cfg, stages.read_jsonl(cfg.annotated), cfg.checkpoint, output, pick_device(cfg.device),
-                           on_step=log_step)
-        tracking.log_metrics(summary, step=cfg.iteration)
-        mlflow.set_tag("grpo.checkpoint", str(output.resolve()))
-        if cfg.log_checkpoint:
-            mlflow.log_artifacts(str(output), "checkpoint")
+        trainer = Trainer(cfg, cfg.checkpoint, pick_device(cfg.device))
+        summary = train_logged(trainer, cfg, stages.read_jsonl(cfg.annotated), output)
         print(f"checkpoint: {output}  steps={summary['optimizer_steps']}  kl={summary.get('last_kl', 0):.4f}")
 
 

@@ -11,8 +11,8 @@ def run_entrypoint(stage: str, body: Callable, argv: list[str] | None = None) ->
     from grpo.data import DataError
     from grpo.finetune import NumericsError
     from grpo.model import ModelError
-    from grpo.pipeline import StageError
     from grpo.tracking import TrackingError
+    from grpo.trainer_process import TrainerProcessError
 
     cfg = parse_args(stage, argv)
     try:
@@ -20,7 +20,7 @@ def run_entrypoint(stage: str, body: Callable, argv: list[str] | None = None) ->
 
         tracking.setup()
         body(cfg)
-    except (ConfigError, DataError, ModelError, NumericsError, StageError, TrackingError) as e:
+    except (ConfigError, DataError, ModelError, NumericsError, TrackingError, TrainerProcessError) as e:
         sys.exit(f"grpo {stage}: error: {e}")
     except KeyboardInterrupt:
         sys.exit(f"grpo {stage}: interrupted; rerun with the same run id to resume")

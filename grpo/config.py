@@ -70,12 +70,14 @@ class Config:
     grad_clip: float = _f(1.0, "Gradient-norm clip.", stages=TRAIN)
     train_batch_size: int = _f(8, "Sequences per forward/backward pass.", stages=TRAIN)
     gradient_accumulation_passes: int = _f(2, "Passes accumulated per optimiser step.", stages=TRAIN)
-    save_checkpoint_steps: int = _f(10, "Save a checkpoint every N optimiser steps (and always at the end).",
-                                    stages=TRAIN)
+    save_checkpoint_steps: int = _f(0, "Also save mid-stage every N optimiser steps (0 = only at the end of each "
+                                    "finetune stage, the checkpoint resume uses).", stages=TRAIN)
     # --- evaluate / main ---
     limit: int = _f(0, "Test problems to evaluate (0 = all 1319).", stages=("evaluate",))
     eval_limit: int = _f(32, "Test problems per evaluation inside main (0 = all 1319).", stages=("main", "sweep"))
     max_iterations: int = _f(2, "GRPO iterations (rollout, annotate, finetune).", stages=("main", "sweep"))
+    max_seconds: float = _f(0.0, "Wall-clock budget of main: start no iteration after this many seconds, then run the "
+                            "final evaluation (0 = no limit).", stages=("main", "sweep"))
     test_every_n_iterations: int = _f(1, "Evaluate every N iterations (plus at the start and end; 0 = start/end only).",
                                       stages=("main", "sweep"))
     trace_samples: int = _f(4, "Generations logged as MLflow traces per stage.")
@@ -106,12 +108,13 @@ class Config:
     def validate(self) -> "Config":
         positive = ["problems", "attempts", "max_new_tokens", "generation_batch_size", "tensor_parallel_size",
                     "train_batch_size",
-                    "gradient_accumulation_passes", "save_checkpoint_steps", "max_iterations", "n_trials"]
+                    "gradient_accumulation_passes", "max_iterations", "n_trials"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}; pass -P {name}=<positive int>")
         for name in ["limit", "eval_limit", "test_every_n_iterations", "warmup_steps", "shots", "trace_samples",
-                     "seed", "iteration", "kl_coef", "weight_decay", "learning_rate"]:
+                     "seed", "iteration", "save_checkpoint_steps", "max_seconds", "kl_coef", "weight_decay",
+                     "learning_rate"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.temperature > 0:

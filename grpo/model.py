@@ -124,10 +124,7 @@ def load_model(model: str, device: str, dtype=None, checkpoint: str = ""):
         raise ModelError(f"cannot load model {source!r} ({str(e).splitlines()[0][:120]}); offline? "
                          f"use model={BUNDLED_MODEL} or a local folder") from None
     if checkpoint:
-        base = _config(model)
-        if (base.model_type, base.hidden_size) != (policy.config.model_type, policy.config.hidden_size):
-            raise ModelError(f"checkpoint {checkpoint} is a {policy.config.model_type} model, not {model}; "
-                             "pass the matching model or checkpoint")
+        check_checkpoint(model, checkpoint, policy.config)
     return policy.to(device).eval()
 
 
@@ -149,6 +146,21 @@ def autocast(device: str):
     return torch.autocast(device, enabled=False)
 
 
+def check_checkpoint(model: str, checkpoint: str, config=None) -> None:
+    """A checkpoint saved from another model (other architecture or size) is refused in one line."""
+    from transformers import AutoConfig
+
+    try:
+        config = config or AutoConfig.from_pretrained(checkpoint)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"checkpoint {checkpoint} is not a model folder ({str(e).splitlines()[0][:100]}); "
+                         "pass a folder that finetune wrote") from None
+    shape = lambda c: (c.model_type, c.hidden_size, c.num_hidden_layers, c.vocab_size)  # noqa: E731
+    if shape(config) != shape(_config(model)):
+        raise ModelError(f"checkpoint {checkpoint} does not fit model {model} ((type, hidden size, layers, vocab) "
+                         f"{shape(config)} vs {shape(_config(model))}); pass the matching model or checkpoint")
+
+
 def _config(model: str):
     from transformers import AutoConfig
 
@@ -163,6 +175,10 @@ def save_checkpoint(model, tokenizer, folder: Path, extra: dict[str, object] | N
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     model.save_pretrained(tmp)
+    if os.environ.get("GRPO_FAILPOINT") == "checkpoint-write":  # tests: kill -9 the whole run mid-write
+        import signal
+
+        os.killpg(os.getpgid(0), signal.SIGKILL)
     tokenizer.save_pretrained(tmp)
     for name, payload in (extra or {}).items():
         if name.endswith(".json"):

@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
 from grpo import stages, tracking
+from grpo.trainer_process import TrainerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLE_COLUMNS = ("problem_id", "question", "gold", "completion", "reward", "outcome")
-
-
-class StageError(RuntimeError):
-    """A stage process failed; the message is its last error line."""
 
 
 class Workspace:
@@ -64,6 +59,10 @@ class Workspace:
 
 def rollout_stage(ws: Workspace, iteration: int, out: Path) -> dict:
     rows, metrics = stages.rollout(ws.cfg, ws.sampler, ws.builder, ws.train, iteration)
+    if ws.device == "cuda":  # this process holds the sampler and the reference model
+        import torch
+
+        metrics["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     stages.write_jsonl(rows, out)
     tracking.log_metrics(metrics, step=iteration)
     tracking.log_rows(rows, f"rollouts/{out.name}")
@@ -87,24 +86,6 @@ def evaluate_stage(ws: Workspace, step: int, limit: int) -> dict:
     tracking.log_table(rows, f"eval/results_step_{step:04d}.json", TABLE_COLUMNS)
     tracking.log_traces(rows, "evaluate", ws.cfg.trace_samples, step=step)
     return metrics
-
-
-def finetune_process(cfg, iteration: int, annotated: Path, checkpoint: str, output: Path, run_id: str,
-                     log_checkpoint: bool) -> None:
-    """Run entrypoints/finetune.py in its own process, logging into the already-created run `run_id`."""
-    import mlflow
-
-    params = cfg.replace(iteration=iteration, annotated=str(annotated), checkpoint=checkpoint, output=str(output),
-                         log_checkpoint=log_checkpoint).as_params("finetune")
-    command = [sys.executable, str(ROOT / "entrypoints" / "finetune.py")]
-    for key, value in params.items():
-        command += [f"--{key}", value]
-    env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
-           "MLFLOW_EXPERIMENT_ID": mlflow.get_run(run_id).info.experiment_id}
-    done = subprocess.run(command, env=env, stderr=subprocess.PIPE, text=True)
-    if done.returncode:
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        raise StageError(f"finetune of iteration {iteration} failed: {lines[-1] if lines else done.returncode}")
 
 
 class State:
@@ -156,6 +137,7 @@ def run_main(cfg, on_eval: Callable[[int, float], None] | None = None) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     mlflow.set_tag("grpo.work_dir", str(folder))
     state = State(folder)
+    _remove_partial_checkpoints(folder)
     resolve(cfg.model)  # materialise the bundled model once, before any stage process needs it
     checkpoint = lambda i: folder / f"checkpoints/iter-{i:04d}"  # noqa: E731
     trained = [i for i in range(cfg.max_iterations) if f"finetune-{i}" in state.data["done"]]
@@ -178,7 +160,7 @@ def run_main(cfg, on_eval: Callable[[int, float], None] | None = None) -> dict:
             state.mark(key, metrics)
         metrics = state.data["done"][key]
         _log_once(client, parent, {f"time_{name}": metrics["stage_seconds"]}
-                  | {target: metrics[source] for target, source in parent_metrics.items()}, step)
+                  | {target: metrics[source] for target, source in parent_metrics.items() if source in metrics}, step)
         return metrics
 
     def evaluation(step: int) -> None:
@@ -192,19 +174,23 @@ def run_main(cfg, on_eval: Callable[[int, float], None] | None = None) -> dict:
             on_eval(step, m["test_accuracy"])
 
     def finetune_body(i: int, annotated: Path, run_id: str) -> dict:
-        finetune_process(cfg, i, annotated, ws.checkpoint, checkpoint(i), run_id,
-                         log_checkpoint=i == cfg.max_iterations - 1)
-        return {"kl": client.get_run(run_id).data.metrics.get("last_kl", 0.0)}
+        stage_cfg = cfg.replace(iteration=i, annotated=str(annotated), checkpoint=ws.checkpoint,
+                                output=str(checkpoint(i)), log_checkpoint=i == cfg.max_iterations - 1)
+        summary = trainer.train(stage_cfg, run_id)
+        return {"kl": summary.get("last_kl", 0.0), **{k: summary[k] for k in ("train_tokens_per_s", "peak_gpu_gib",
+                                                                               "save_seconds", "optimizer_steps")}}
 
-    evaluation(0)
-    for i in range(cfg.max_iterations):
+    def iteration(i: int) -> None:
         rollouts, annotated = folder / f"rollouts/iter-{i:04d}.jsonl", folder / f"annotated/iter-{i:04d}.jsonl"
         stage(f"rollout-{i}", i, lambda _: rollout_stage(ws, i, rollouts),
               {f"train_{k}": k for k in ("reward_mean", "correct_rate", "boxed_rate", "unparseable_rate",
-                                         "completion_tokens_mean")} | {"rollout_tokens_per_s": "tokens_per_s"})
+                                         "completion_tokens_mean")}
+              | {"rollout_tokens_per_s": "tokens_per_s", "rollout_tokens": "generated_tokens",
+                 "rollout_peak_gpu_gib": "peak_gpu_gib"})
         stage(f"annotate-{i}", i, lambda _: annotate_stage(ws, stages.read_jsonl(rollouts), i, annotated),
               {"signal_fraction": "signal_fraction"})
-        stage(f"finetune-{i}", i, lambda run_id: finetune_body(i, annotated, run_id), {"kl": "kl"})
+        stage(f"finetune-{i}", i, lambda run_id: finetune_body(i, annotated, run_id),
+              {"kl": "kl", "train_tokens_per_s": "train_tokens_per_s", "trainer_peak_gpu_gib": "peak_gpu_gib"})
         if ws.checkpoint != str(checkpoint(i)):
             ws.checkpoint = str(checkpoint(i))
             if "sampler" in ws.__dict__:
@@ -213,8 +199,33 @@ def run_main(cfg, on_eval: Callable[[int, float], None] | None = None) -> dict:
         every = cfg.test_every_n_iterations
         if i == cfg.max_iterations - 1 or (every and (i + 1) % every == 0):
             evaluation(i + 1)
+
+    trainer = TrainerProcess()  # the finetune stage's own process, kept warm across iterations
+    started = time.monotonic()
+    try:
+        evaluation(0)
+        for i in range(cfg.max_iterations):
+            out_of_time = cfg.max_seconds and time.monotonic() - started > cfg.max_seconds
+            if out_of_time and f"rollout-{i}" not in state.data["done"]:
+                mlflow.set_tag("grpo.stopped", f"max_seconds={cfg.max_seconds:g} reached after {i} iterations")
+                if i and f"evaluate-{i}" not in state.data["done"]:
+                    evaluation(i)
+                if ws.checkpoint:
+                    mlflow.log_artifacts(ws.checkpoint, "checkpoint")  # the last iteration's weights
+                break
+            iteration(i)
+    finally:
+        trainer.close()
     _plot(client, parent)
     return result
+
+
+def _remove_partial_checkpoints(folder: Path) -> None:
+    """Temp folders of a checkpoint write that a killed run left (complete ones are renamed into place)."""
+    import shutil
+
+    for partial in (folder / "checkpoints").glob(".iter-*"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _prune_checkpoints(folder: Path, keep: Path) -> None:
@@ -227,26 +238,27 @@ def _prune_checkpoints(folder: Path, keep: Path) -> None:
 
 
 def _plot(client, run_id: str) -> None:
-    """learning_curve.png on the parent run: test accuracy / boxed rate and train reward per iteration."""
+    """learning_curve.png on the parent run: test boxed rate, test accuracy and train rollouts per iteration."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import mlflow
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for axis, keys in ((left, ("test_accuracy", "test_boxed_rate")),
-                       (right, ("train_reward_mean", "train_correct_rate", "train_boxed_rate"))):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = ((("test_boxed_rate",), "test boxed rate (greedy)"),
+              (("test_accuracy",), "test accuracy (greedy)"),  # its own scale: small next to the boxed rate
+              (("train_reward_mean", "train_correct_rate", "train_boxed_rate"), "train rollouts"))
+    for axis, (keys, title) in zip(axes, panels):
         for key in keys:
             history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
             if history:
                 axis.plot(*zip(*history), marker="o", label=key)
         axis.set_xlabel("iterations trained")
+        axis.set_title(title)
         axis.grid(alpha=0.3)
-        if axis.lines:
+        if len(axis.lines) > 1:
             axis.legend()
-    left.set_title("test set (greedy)")
-    right.set_title("train rollouts")
     fig.tight_layout()
     mlflow.log_figure(fig, "learning_curve.png")
     plt.close(fig)

@@ -74,7 +74,18 @@ def stage_run(stage: str, params: dict[str, str], nested: bool = False, run_name
 
     with mlflow.start_run(run_name=run_name or stage, nested=nested, tags={"grpo.stage": stage, **(tags or {})}) as run:
         log_params(params)
+        _open_ui_on_runs(run.info.experiment_id)
         yield run
+
+
+def _open_ui_on_runs(experiment_id: str) -> None:
+    """Tag the experiment as model training, so the MLflow UI opens on its runs table rather than on the GenAI
+    trace overview that a traced experiment otherwise gets."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    if "mlflow.experimentKind" not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
 
 
 def log_rows(rows: list[dict], artifact_path: str, drop: tuple[str, ...] = ()) -> None:

@@ -27,8 +27,10 @@ class VLLMSampler:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; SmolLM2 at 4k tokens needs far less
         from vllm import LLM
 
-        from grpo.model import load_tokenizer, resolve
+        from grpo.model import check_checkpoint, load_tokenizer, resolve
 
+        if checkpoint:
+            check_checkpoint(cfg.model, checkpoint)
         self.tokenizer = load_tokenizer(cfg.model)
         self.kwargs = dict(tokenizer=resolve(cfg.model), seed=cfg.seed, logprobs_mode="processed_logprobs",
                            max_model_len=4096, enable_prefix_caching=True)

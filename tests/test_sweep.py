@@ -63,17 +63,31 @@ def test_pruned_trial_shows_pruned_in_optuna_and_mlflow(store, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_two_workers_share_one_sqlite_study(store, tiny_model_dir, tmp_path):
-    args = [sys.executable, str(ROOT / "entrypoints" / "sweep.py"), "--model", tiny_model_dir, "--backend", "hf",
-            "--problems", "2", "--max_new_tokens", "6", "--eval_limit", "2", "--max_iterations", "1",
-            "--train_batch_size", "4", "--trace_samples", "0", "--n_trials", "2", "--study_name", "shared",
-            "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]
-    workers = [subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=os.environ.copy()) for _ in range(2)]
-    for worker in workers:
-        _, err = worker.communicate(timeout=900)
-        assert worker.returncode == 0, err[-2000:]
+def test_two_mains_and_two_sweep_workers_share_one_sqlite_store(store, tiny_model_dir, tmp_path):
+    """Everything a team starts at once on one embedded store: no 'database is locked', no metric lost."""
+    common = ["--model", tiny_model_dir, "--backend", "hf", "--problems", "2", "--max_new_tokens", "6",
+              "--eval_limit", "2", "--train_batch_size", "4", "--trace_samples", "1"]
+    sweep = [sys.executable, str(ROOT / "entrypoints" / "sweep.py"), *common, "--max_iterations", "1",
+             "--n_trials", "2", "--study_name", "shared", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]
+    main = [sys.executable, str(ROOT / "entrypoints" / "main.py"), *common, "--max_iterations", "2"]
+    processes = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+                 for command in (sweep, sweep, main, main)]
+    for process in processes:
+        _, err = process.communicate(timeout=1200)
+        assert process.returncode == 0, err[-2000:]
+        assert "database is locked" not in err
     study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert len(study.trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
-    trials, _ = _trial_runs(store)
+    trials, runs = _trial_runs(store)
     assert len(trials) == 4
+    client = mlflow.MlflowClient()
+    mains = [r for r in runs if r.data.tags.get("grpo.stage") == "main"]
+    assert len(mains) == 2 and all(r.info.status == "FINISHED" for r in mains)
+    for run in mains + trials:
+        iterations = 2 if run in mains else 1
+        history = lambda key: [m.step for m in client.get_metric_history(run.info.run_id, key)]  # noqa: E731
+        assert history("test_accuracy") == list(range(iterations + 1))
+        assert sorted(history("train_reward_mean")) == list(range(iterations))
+        stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+        assert len(stages) == 4 * iterations + 1 and all(r.info.status == "FINISHED" for r in stages)

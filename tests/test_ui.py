@@ -1,0 +1,99 @@
+"""The MLflow UI in a real browser: `mlflow server` on the SQLite store of a real main run, Debian's headless
+Chromium driven by Selenium. .ci/run installs chromium + chromium-driver and sets GRPO_REQUIRE_BROWSER=1, so
+there this test runs or fails; elsewhere it skips when no browser is installed."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import ROOT, run_entry
+
+SCREENSHOTS = ROOT / "test-artifacts"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _browser():
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        if os.environ.get("GRPO_REQUIRE_BROWSER"):
+            raise AssertionError("chromium / chromedriver missing: apt-get install chromium chromium-driver")
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1600,1000"):  # no background networking: this machine has no internet
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+def _wait(predicate, timeout=60, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception:  # the page is still rendering
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_experiment_page_lists_nested_runs_and_renders_accuracy_chart(store, tiny_model_dir, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    driver = _browser()
+    run_entry("main", "--model", tiny_model_dir, "--backend", "hf", "--problems", "2", "--attempts", "2",
+              "--max_new_tokens", "6", "--eval_limit", "2", "--train_batch_size", "4", "--max_iterations", "1")
+    client = mlflow.MlflowClient()
+    (main,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+               if r.data.tags.get("grpo.stage") == "main"]
+    experiment = main.info.experiment_id
+    port = _free_port()
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host",
+                               "127.0.0.1", "--port", str(port), "--workers", "1"], stdout=log, stderr=log,
+                              start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    SCREENSHOTS.mkdir(exist_ok=True)
+    try:
+        _wait(lambda: urllib.request.urlopen(f"{base}/health", timeout=2).status == 200, 120, "mlflow server")
+        driver.get(f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning")
+        link = _wait(lambda: driver.find_element(By.XPATH, "//a[normalize-space()='main']"), what="the main run")
+        row = link.find_element(By.XPATH, "./ancestor::*[@role='row'][1]")
+        row.find_element(By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']").click()  # expand
+        expected = {"main", "evaluate-0", "rollout-0", "annotate-0", "finetune-0", "evaluate-1"}
+        names = lambda: {e.text for e in driver.find_elements(By.CSS_SELECTOR, "a[href*='/runs/']")}  # noqa: E731
+        _wait(lambda: expected <= names(), what=f"nested stage runs {expected} (saw {names()})")
+        driver.save_screenshot(str(SCREENSHOTS / "mlflow_ui_runs.png"))
+
+        driver.get(f"{base}/#/experiments/{experiment}/runs/{main.info.run_id}/model-metrics")
+        title = _wait(lambda: driver.find_element(By.XPATH, "//*[normalize-space(text())='test_accuracy']"),
+                      what="the test_accuracy chart")
+        card = title.find_element(By.XPATH, "./ancestor::*[.//*[contains(@class,'js-plotly-plot')]][1]")
+        line = _wait(lambda: card.find_elements(By.CSS_SELECTOR, ".js-plotly-plot path.js-line"),
+                     what="the plotted test_accuracy line")
+        assert line[0].get_attribute("d")  # a drawn path, not an empty chart
+        driver.save_screenshot(str(SCREENSHOTS / "mlflow_ui_test_accuracy.png"))
+    finally:
+        driver.quit()
+        os.killpg(server.pid, signal.SIGTERM)  # the server we started, and its workers
+        server.wait(timeout=30)
+        log.close()
+    assert Path(SCREENSHOTS / "mlflow_ui_test_accuracy.png").stat().st_size > 10_000
