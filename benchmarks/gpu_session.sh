@@ -5,7 +5,9 @@
 #            files under tok/; installs them and runs the TRL peer for a few seconds on a tiny random Llama.
 #   learn SECONDS ARGS... [.carry2]: GGUF part 2 and the rest of the mlflow closure; installs everything, joins and
 #            dequantises the model, runs the main chain with ARGS (MLflow file store), exports its metrics.
-#   peer ARGS... : TRL's GRPOTrainer with ARGS (benchmarks/trl_peer.py), then the side-by-side table.
+#   peer ARGS... : TRL's GRPOTrainer with ARGS (benchmarks/trl_peer.py), then the side-by-side table. On a fresh
+#            machine: a `copy` call carrying .carry1 first, then peer carrying .carry2 and .carry3.
+#   copy [.carry1]: only copies the carried files, for a peer-only session.
 #   rollout: benchmarks/rollout.py on the rollout benchmark's workload (after learn).
 set -u
 phase=$1; shift
@@ -40,7 +42,12 @@ learn)
   timeout "$budget" python3 entrypoints/main.py --backend hf "$@" 2>&1 | quiet
   python3 benchmarks/export_run.py "$OUT/ours" 2>&1 | tail -1
   cp -r "$OUT/ours" /tmp/ours ;;
+copy)
+  mkdir -p /tmp/m && cp -r .carry1/* /tmp/m/ ;;
 peer)
+  if [ ! -f /tmp/m/model.gguf ]; then
+    cp -r .carry*/* /tmp/m/ 2>/dev/null; install; cat /tmp/m/part_* > /tmp/m/model.gguf
+  fi
   python3 benchmarks/trl_peer.py --out "$OUT/trl" "$@" 2>&1 | quiet | grep -v "^ *\"" | tail -40
   cp "$OUT/trl/trl_summary.json" "$OUT/trl/trl_log.jsonl" /tmp/ 2>/dev/null
   rm -rf "$OUT/trl/final" "$OUT/trl/trainer"

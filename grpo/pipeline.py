@@ -155,7 +155,8 @@ def run_main(cfg, on_eval: Callable[[int, float], None] | None = None) -> dict:
                     client.set_terminated(stale, "KILLED")  # the process that owned it died
                 if name != "finetune":  # the finetune process logs its own, with its input paths
                     tracking.log_params(cfg.replace(iteration=step).as_params(name))
-                metrics = body(run.info.run_id)
+                with tracking.killed_on_interrupt():
+                    metrics = body(run.info.run_id)
             metrics["stage_seconds"] = time.perf_counter() - started
             state.mark(key, metrics)
         metrics = state.data["done"][key]
@@ -166,7 +167,8 @@ def run_main(cfg, on_eval: Callable[[int, float], None] | None = None) -> dict:
     def evaluation(step: int) -> None:
         fresh = f"evaluate-{step}" not in state.data["done"]
         m = stage(f"evaluate-{step}", step, lambda _: evaluate_stage(ws, step, cfg.eval_limit),
-                  {"test_accuracy": "test_accuracy", "test_boxed_rate": "test_boxed_rate"})
+                  {"test_accuracy": "test_accuracy", "test_boxed_rate": "test_boxed_rate",
+                   "test_completion_tokens_mean": "test_completion_tokens_mean"})
         if fresh:
             _plot(client, parent)
         result.update(test_accuracy=m["test_accuracy"], test_boxed_rate=m["test_boxed_rate"])
@@ -214,8 +216,10 @@ def run_main(cfg, on_eval: Callable[[int, float], None] | None = None) -> dict:
                     mlflow.log_artifacts(ws.checkpoint, "checkpoint")  # the last iteration's weights
                 break
             iteration(i)
-    finally:
-        trainer.close()
+    except BaseException:
+        trainer.close(kill=True)
+        raise
+    trainer.close()
     _plot(client, parent)
     return result
 

@@ -75,7 +75,20 @@ def stage_run(stage: str, params: dict[str, str], nested: bool = False, run_name
     with mlflow.start_run(run_name=run_name or stage, nested=nested, tags={"grpo.stage": stage, **(tags or {})}) as run:
         log_params(params)
         _open_ui_on_runs(run.info.experiment_id)
-        yield run
+        with killed_on_interrupt():
+            yield run
+
+
+@contextlib.contextmanager
+def killed_on_interrupt():
+    """Ctrl-C ends the active run as KILLED (MLflow would say FAILED), so the UI tells interrupted from broken."""
+    import mlflow
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
 
 
 def _open_ui_on_runs(experiment_id: str) -> None:

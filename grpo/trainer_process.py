@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,9 +56,14 @@ class TrainerProcess:
             raise TrainerProcessError(f"finetune of iteration {cfg.iteration} failed: {reply['error']}")
         return reply["summary"]
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """End the worker: politely after the last request, at once when the run is failing (its partial
+        checkpoint is a temp folder that resume deletes)."""
         if self.process and self.process.poll() is None:
-            self.process.stdin.close()  # end of requests: the worker exits
+            if kill:
+                self.process.kill()
+            else:
+                self.process.stdin.close()  # end of requests: the worker exits
             try:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -69,7 +75,6 @@ def _die_with_parent() -> None:
     """A SIGKILLed main run must not leave a trainer writing checkpoints that the resumed run also writes."""
     if sys.platform.startswith("linux"):
         import ctypes
-        import signal
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if str(os.getppid()) != os.environ.get("GRPO_PARENT_PID", str(os.getppid())):
@@ -89,6 +94,7 @@ def serve() -> None:
     from grpo.tracking import log_params
 
     _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is main's to handle: it stops this process itself
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # prints from libraries must not corrupt the replies
     trainer = None

@@ -103,7 +103,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_at,how", [("finetune-0", "group"), ("rollout-1", "group"), ("evaluate-1", "group"),
-                                         ("finetune-0", "main only"), ("finetune-0", "mid checkpoint write")])
+                                         ("finetune-0", "main only"), ("finetune-0", "mid checkpoint write"),
+                                         ("finetune-0", "ctrl-c")])
 def test_killed_main_run_resumes_without_repeats(store, tiny_model_dir, kill_at, how):
     args = [sys.executable, str(ROOT / "entrypoints" / "main.py"), *SMALL, "--model", tiny_model_dir,
             "--max_iterations", "2", "--max_new_tokens", "8"]
@@ -129,6 +130,13 @@ def test_killed_main_run_resumes_without_repeats(store, tiny_model_dir, kill_at,
             while _alive(trainer) and time.time() < deadline:
                 time.sleep(0.1)
             assert not _alive(trainer), "the trainer outlived its killed main run"
+        elif how == "ctrl-c":  # SIGINT to the whole foreground group, as a terminal sends it
+            trainer = _trainer_pid(process.pid)
+            os.killpg(process.pid, signal.SIGINT)
+            _, err = process.communicate(timeout=120)
+            ours = [line for line in err.splitlines() if line.startswith("grpo main:")]  # MLflow's atexit logs follow
+            assert process.returncode != 0 and ours == ["grpo main: interrupted; rerun with the same run id to resume"]
+            assert not _alive(trainer)
         else:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()

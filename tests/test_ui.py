@@ -84,12 +84,15 @@ def test_experiment_page_lists_nested_runs_and_renders_accuracy_chart(store, tin
         driver.save_screenshot(str(SCREENSHOTS / "mlflow_ui_runs.png"))
 
         driver.get(f"{base}/#/experiments/{experiment}/runs/{main.info.run_id}/model-metrics")
-        title = _wait(lambda: driver.find_element(By.XPATH, "//*[normalize-space(text())='test_accuracy']"),
-                      what="the test_accuracy chart")
-        card = title.find_element(By.XPATH, "./ancestor::*[.//*[contains(@class,'js-plotly-plot')]][1]")
-        line = _wait(lambda: card.find_elements(By.CSS_SELECTOR, ".js-plotly-plot path.js-line"),
-                     what="the plotted test_accuracy line")
-        assert line[0].get_attribute("d")  # a drawn path, not an empty chart
+
+        def accuracy_line():
+            """The drawn line (an SVG path with points) inside the chart card titled test_accuracy."""
+            title = driver.find_element(By.XPATH, "//*[normalize-space(text())='test_accuracy']")
+            card = title.find_element(By.XPATH, "./ancestor::*[.//*[contains(@class,'js-plotly-plot')]][1]")
+            paths = card.find_elements(By.CSS_SELECTOR, ".js-plotly-plot path.js-line")
+            return paths and paths[0].get_attribute("d")
+
+        _wait(accuracy_line, 120, what="the plotted test_accuracy chart")
         driver.save_screenshot(str(SCREENSHOTS / "mlflow_ui_test_accuracy.png"))
     finally:
         driver.quit()
