@@ -1,7 +1,8 @@
 """Export the newest main run of a store: every parent metric as CSV, the run's times
 and parameters (run_info.json), and its learning curve.
 
-    python benchmarks/export_run.py OUT_DIR        # reads MLFLOW_TRACKING_URI (default sqlite:///mlflow.db)"""
+    python benchmarks/export_run.py OUT_DIR        # reads MLFLOW_TRACKING_URI (default sqlite:///mlflow.db)
+    python benchmarks/export_run.py --replot DIR   # redraw DIR/learning_curve.png from DIR/metrics.csv"""
 import csv
 import json
 import os
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 import mlflow
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(out: str) -> None:
@@ -38,5 +41,17 @@ def main(out: str) -> None:
     print(f"exported run {run.info.run_id} ({run.info.status}) to {out_dir}")
 
 
+def replot(folder: str) -> None:
+    from collections import defaultdict
+
+    from grpo.pipeline import learning_curve
+
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    with (Path(folder) / "metrics.csv").open() as handle:
+        for row in csv.DictReader(handle):
+            series[row["metric"]].append((int(row["step"]), float(row["value"])))
+    learning_curve(lambda key: sorted(series.get(key, []))).savefig(Path(folder) / "learning_curve.png", dpi=100)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    replot(sys.argv[2]) if sys.argv[1] == "--replot" else main(sys.argv[1])

@@ -2,7 +2,8 @@
 # GPU runs for the README, on a bare device machine (torch + transformers, no PyPI): see README "On a GPU".
 # Three calls in a row on one warm machine, each carrying what it needs (64 MiB a call):
 #   check   [.carry1]: GGUF part 1, TRL + datasets wheels, half the mlflow-skinny closure, the SmolLM2 tokenizer
-#            files under tok/; installs them and runs the TRL peer for a few seconds on a tiny random Llama.
+#            files under tok/; installs them, checks versions, and (once pydantic from .carry2 is there) runs the TRL
+#            peer for a few seconds on a tiny random Llama.
 #   learn SECONDS ARGS... [.carry2]: GGUF part 2 and the rest of the mlflow closure; installs everything, joins and
 #            dequantises the model, runs the main chain with ARGS (MLflow file store), exports its metrics.
 #   peer ARGS... : TRL's GRPOTrainer with ARGS (benchmarks/trl_peer.py), then the side-by-side table. On a fresh
@@ -32,7 +33,8 @@ config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
 LlamaForCausalLM(config).save_pretrained("/tmp/tiny")
 tok.save_pretrained("/tmp/tiny")
 PY
-  python3 benchmarks/trl_peer.py --model /tmp/tiny --seconds 10 --problems_per_step 4 --attempts 4 --micro_batch 16 \
+  # TRL's trainer imports pydantic, which only fits in .carry2: on a fresh machine the smoke test waits for learn
+  python3 -c "import pydantic" 2>/dev/null && python3 benchmarks/trl_peer.py --model /tmp/tiny --seconds 10 --problems_per_step 4 --attempts 4 --micro_batch 16 \
     --max_new_tokens 64 --eval_limit 64 --out "$OUT/trl_check" 2>&1 | quiet | tail -20 ;;
 learn)
   budget=$1; shift

@@ -242,12 +242,21 @@ def _prune_checkpoints(folder: Path, keep: Path) -> None:
 
 
 def _plot(client, run_id: str) -> None:
-    """learning_curve.png on the parent run: test boxed rate, test accuracy and train rollouts per iteration."""
+    """learning_curve.png on the parent run."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    fig = learning_curve(lambda key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)))
+    mlflow.log_figure(fig, "learning_curve.png")
+    plt.close(fig)
+
+
+def learning_curve(history: Callable[[str], list[tuple[int, float]]]):
+    """Test boxed rate, test accuracy and train rollouts per iteration; `history(metric)` gives (step, value)s."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import mlflow
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     panels = ((("test_boxed_rate",), "test boxed rate (greedy)"),
@@ -255,14 +264,13 @@ def _plot(client, run_id: str) -> None:
               (("train_reward_mean", "train_correct_rate", "train_boxed_rate"), "train rollouts"))
     for axis, (keys, title) in zip(axes, panels):
         for key in keys:
-            history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-            if history:
-                axis.plot(*zip(*history), marker="o", label=key)
+            points = history(key)
+            if points:
+                axis.plot(*zip(*points), marker="o", label=key)
         axis.set_xlabel("iterations trained")
         axis.set_title(title)
         axis.grid(alpha=0.3)
         if len(axis.lines) > 1:
             axis.legend()
     fig.tight_layout()
-    mlflow.log_figure(fig, "learning_curve.png")
-    plt.close(fig)
+    return fig

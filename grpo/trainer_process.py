@@ -84,6 +84,7 @@ def _die_with_parent() -> None:
 def serve() -> None:
     """Worker side: answer requests until stdin closes. A fixable error (NaN, bad data) is replied and the
     in-memory state dropped, so the next request reloads the last complete checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is main's to handle: it stops this process itself
     import mlflow
 
     from grpo.config import Config
@@ -94,7 +95,6 @@ def serve() -> None:
     from grpo.tracking import log_params
 
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is main's to handle: it stops this process itself
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # prints from libraries must not corrupt the replies
     trainer = None

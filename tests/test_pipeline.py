@@ -93,6 +93,14 @@ def _trainer_pid(parent_pid: int, timeout=120) -> int:
     raise AssertionError("no trainer process appeared")
 
 
+def _wait_until(predicate, what: str, timeout=120) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -132,10 +140,14 @@ def test_killed_main_run_resumes_without_repeats(store, tiny_model_dir, kill_at,
             assert not _alive(trainer), "the trainer outlived its killed main run"
         elif how == "ctrl-c":  # SIGINT to the whole foreground group, as a terminal sends it
             trainer = _trainer_pid(process.pid)
+            # once the trainer has taken finetune-0 it has its signal handling set up, and main waits on it
+            _wait_until(lambda: any(r.info.run_name == "finetune-0" and "grpo.trainer_pid" in r.data.tags
+                                    for r in _runs(store)[1]), "the trainer to take finetune-0")
             os.killpg(process.pid, signal.SIGINT)
             _, err = process.communicate(timeout=120)
             ours = [line for line in err.splitlines() if line.startswith("grpo main:")]  # MLflow's atexit logs follow
-            assert process.returncode != 0 and ours == ["grpo main: interrupted; rerun with the same run id to resume"]
+            assert ours == ["grpo main: interrupted; rerun with the same run id to resume"], err[-3000:]
+            assert process.returncode != 0
             assert not _alive(trainer)
         else:
             os.killpg(process.pid, signal.SIGKILL)
