@@ -117,7 +117,10 @@ def test_killed_main_run_resumes_without_repeats(store, tiny_model_dir, kill_at,
     args = [sys.executable, str(ROOT / "entrypoints" / "main.py"), *SMALL, "--model", tiny_model_dir,
             "--max_iterations", "2", "--max_new_tokens", "8"]
     env = {**os.environ, **({"GRPO_FAILPOINT": "checkpoint-write"} if how == "mid checkpoint write" else {})}
-    process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+    # a terminal's Ctrl-C reaches a run whose SIGINT is not ignored; a CI shell's background job ignores it
+    # and that would be inherited, so the child gets the default back
+    process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # the parent run id is the folder name under grpo_runs/
     deadline = time.time() + 300
     while not list(Path("grpo_runs").glob("*/state.json")) and time.time() < deadline:
