@@ -9,12 +9,12 @@ import os
 import sys
 from pathlib import Path
 
-import mlflow
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(out: str) -> None:
+    import mlflow
+
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     client = mlflow.MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -41,16 +41,21 @@ def main(out: str) -> None:
     print(f"exported run {run.info.run_id} ({run.info.status}) to {out_dir}")
 
 
-def replot(folder: str) -> None:
-    from collections import defaultdict
-
-    from grpo.pipeline import learning_curve
-
-    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+def read_metrics(folder: Path) -> dict[str, dict[int, tuple[float, int]]]:
+    """metrics.csv written by `main` above: metric -> step -> (value, timestamp in ms)."""
+    series: dict[str, dict[int, tuple[float, int]]] = {}
     with (Path(folder) / "metrics.csv").open() as handle:
         for row in csv.DictReader(handle):
-            series[row["metric"]].append((int(row["step"]), float(row["value"])))
-    learning_curve(lambda key: sorted(series.get(key, []))).savefig(Path(folder) / "learning_curve.png", dpi=100)
+            series.setdefault(row["metric"], {})[int(row["step"])] = (float(row["value"]), int(row["timestamp_ms"]))
+    return series
+
+
+def replot(folder: str) -> None:
+    from grpo.pipeline import learning_curve
+
+    series = read_metrics(Path(folder))
+    history = lambda key: [(step, v) for step, (v, _) in sorted(series.get(key, {}).items())]  # noqa: E731
+    learning_curve(history).savefig(Path(folder) / "learning_curve.png", dpi=100)
 
 
 if __name__ == "__main__":

@@ -9,21 +9,18 @@ Our clock starts with the main run (initial evaluation, engine build and trainer
 `trainer.train()` (model load and final evaluation excluded)."""
 from __future__ import annotations
 
-import csv
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
+
+from export_run import read_metrics  # this folder is on sys.path when the script runs
 
 
 def ours(folder: Path) -> dict:
-    series: dict[str, dict[int, tuple[float, int]]] = defaultdict(dict)  # metric -> step -> (value, time ms)
-    with (folder / "metrics.csv").open() as handle:
-        for row in csv.DictReader(handle):
-            series[row["metric"]][int(row["step"])] = (float(row["value"]), int(row["timestamp_ms"]))
+    series = read_metrics(folder)  # metric -> step -> (value, time ms)
     start = json.loads((folder / "run_info.json").read_text())["start_time_ms"]
-    seconds = lambda key: [(t - start) / 1000 for _, (_, t) in sorted(series[key].items())]  # noqa: E731
-    values = lambda key: [v for _, (v, _) in sorted(series[key].items())]  # noqa: E731
+    seconds = lambda key: [(t - start) / 1000 for _, (_, t) in sorted(series.get(key, {}).items())]  # noqa: E731
+    values = lambda key: [v for _, (v, _) in sorted(series.get(key, {}).items())]  # noqa: E731
     mean = lambda key: sum(values(key)) / max(len(values(key)), 1)  # noqa: E731
     wall = (max(t for s in series.values() for _, t in s.values()) - start) / 1000
     peaks = values("rollout_peak_gpu_gib") + values("trainer_peak_gpu_gib")

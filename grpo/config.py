@@ -107,8 +107,7 @@ class Config:
 
     def validate(self) -> "Config":
         positive = ["problems", "attempts", "max_new_tokens", "generation_batch_size", "tensor_parallel_size",
-                    "train_batch_size",
-                    "gradient_accumulation_passes", "max_iterations", "n_trials"]
+                    "train_batch_size", "gradient_accumulation_passes", "max_iterations", "n_trials"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}; pass -P {name}=<positive int>")

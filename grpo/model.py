@@ -156,9 +156,10 @@ def check_checkpoint(model: str, checkpoint: str, config=None) -> None:
         raise ModelError(f"checkpoint {checkpoint} is not a model folder ({str(e).splitlines()[0][:100]}); "
                          "pass a folder that finetune wrote") from None
     shape = lambda c: (c.model_type, c.hidden_size, c.num_hidden_layers, c.vocab_size)  # noqa: E731
-    if shape(config) != shape(_config(model)):
+    found, expected = shape(config), shape(_config(model))
+    if found != expected:
         raise ModelError(f"checkpoint {checkpoint} does not fit model {model} ((type, hidden size, layers, vocab) "
-                         f"{shape(config)} vs {shape(_config(model))}); pass the matching model or checkpoint")
+                         f"{found} vs {expected}); pass the matching model or checkpoint")
 
 
 def _config(model: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,21 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def wait_until(predicate, what: str, timeout: float = 60):
+    """Poll `predicate` until it returns something truthy (returned); errors count as "not yet" (a page still
+    rendering, a store mid-write). Fails naming `what` after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def run_entry(stage: str, *args: str, env: dict | None = None, timeout: int = 900, check: bool = True):

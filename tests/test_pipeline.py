@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import ROOT, run_entry
+from conftest import ROOT, run_entry, wait_until
 
 SMALL = ["--backend", "hf", "--problems", "2", "--attempts", "4", "--max_new_tokens", "40", "--eval_limit", "4",
          "--train_batch_size", "4", "--gradient_accumulation_passes", "2", "--trace_samples", "2"]
@@ -93,14 +93,6 @@ def _trainer_pid(parent_pid: int, timeout=120) -> int:
     raise AssertionError("no trainer process appeared")
 
 
-def _wait_until(predicate, what: str, timeout=120) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -144,8 +136,8 @@ def test_killed_main_run_resumes_without_repeats(store, tiny_model_dir, kill_at,
         elif how == "ctrl-c":  # SIGINT to the whole foreground group, as a terminal sends it
             trainer = _trainer_pid(process.pid)
             # once the trainer has taken finetune-0 it has its signal handling set up, and main waits on it
-            _wait_until(lambda: any(r.info.run_name == "finetune-0" and "grpo.trainer_pid" in r.data.tags
-                                    for r in _runs(store)[1]), "the trainer to take finetune-0")
+            wait_until(lambda: any(r.info.run_name == "finetune-0" and "grpo.trainer_pid" in r.data.tags
+                                   for r in _runs(store)[1]), "the trainer to take finetune-0", 120)
             os.killpg(process.pid, signal.SIGINT)
             _, err = process.communicate(timeout=120)
             ours = [line for line in err.splitlines() if line.startswith("grpo main:")]  # MLflow's atexit logs follow

@@ -7,13 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import ROOT, run_entry
+from conftest import ROOT, run_entry, wait_until
 
 SCREENSHOTS = ROOT / "test-artifacts"
 
@@ -41,18 +40,6 @@ def _browser():
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
 
 
-def _wait(predicate, timeout=60, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception:  # the page is still rendering
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 @pytest.mark.slow
 def test_experiment_page_lists_nested_runs_and_renders_accuracy_chart(store, tiny_model_dir, tmp_path):
@@ -73,14 +60,14 @@ def test_experiment_page_lists_nested_runs_and_renders_accuracy_chart(store, tin
     base = f"http://127.0.0.1:{port}"
     SCREENSHOTS.mkdir(exist_ok=True)
     try:
-        _wait(lambda: urllib.request.urlopen(f"{base}/health", timeout=2).status == 200, 120, "mlflow server")
+        wait_until(lambda: urllib.request.urlopen(f"{base}/health", timeout=2).status == 200, "mlflow server", 120)
         driver.get(f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning")
-        link = _wait(lambda: driver.find_element(By.XPATH, "//a[normalize-space()='main']"), what="the main run")
+        link = wait_until(lambda: driver.find_element(By.XPATH, "//a[normalize-space()='main']"), "the main run")
         row = link.find_element(By.XPATH, "./ancestor::*[@role='row'][1]")
         row.find_element(By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']").click()  # expand
         expected = {"main", "evaluate-0", "rollout-0", "annotate-0", "finetune-0", "evaluate-1"}
         names = lambda: {e.text for e in driver.find_elements(By.CSS_SELECTOR, "a[href*='/runs/']")}  # noqa: E731
-        _wait(lambda: expected <= names(), what=f"nested stage runs {expected} (saw {names()})")
+        wait_until(lambda: expected <= names(), f"nested stage runs {expected}")
         driver.save_screenshot(str(SCREENSHOTS / "mlflow_ui_runs.png"))
 
         driver.get(f"{base}/#/experiments/{experiment}/runs/{main.info.run_id}/model-metrics")
@@ -92,7 +79,7 @@ def test_experiment_page_lists_nested_runs_and_renders_accuracy_chart(store, tin
             paths = card.find_elements(By.CSS_SELECTOR, ".js-plotly-plot path.js-line")
             return paths and paths[0].get_attribute("d")
 
-        _wait(accuracy_line, 120, what="the plotted test_accuracy chart")
+        wait_until(accuracy_line, "the plotted test_accuracy chart", 120)
         driver.save_screenshot(str(SCREENSHOTS / "mlflow_ui_test_accuracy.png"))
     finally:
         driver.quit()
