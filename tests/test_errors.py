@@ -32,6 +32,13 @@ def test_checkpoint_of_another_model_is_one_line(store, tiny_model_dir, backend)
     assert f"checkpoint {tiny_model_dir} does not fit model smollm2-135m" in _last_line(done)
 
 
+def test_missing_gguf_override_is_one_line(store, tmp_path):
+    done = run_entry("evaluate", "--limit", "1", check=False,
+                     env={"GRPO_SMOLLM2_GGUF": str(tmp_path / "no.gguf"), "GRPO_CACHE": str(tmp_path / "cache")})
+    assert done.returncode != 0 and _last_line(done).endswith("is not a file; point it at "
+                                                              "SmolLM2-135M-Instruct.Q4_1.gguf or unset it")
+
+
 def test_unwritable_tracking_store_is_one_line(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
