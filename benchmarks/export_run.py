@@ -51,7 +51,7 @@ def read_metrics(folder: Path) -> dict[str, dict[int, tuple[float, int]]]:
 
 
 def replot(folder: str) -> None:
-    from grpo.pipeline import learning_curve
+    from grpo.plots import learning_curve
 
     series = read_metrics(Path(folder))
     history = lambda key: [(step, v) for step, (v, _) in sorted(series.get(key, {}).items())]  # noqa: E731

@@ -40,7 +40,7 @@ def plain_generate(model, tokenizer, prompts, attempts, temperature, max_new_tok
     return texts, tokens
 
 
-def _logprob_gap(model_name, device, tokenizer, prompts, out, temperature, sample=64):
+def _logprob_gap(model_name, device, prompts, out, temperature, sample=64):
     """Mean |sampler logprob - trainer logprob| over the tokens of `sample` completions (float32 trainer)."""
     import torch
 
@@ -49,8 +49,7 @@ def _logprob_gap(model_name, device, tokenizer, prompts, out, temperature, sampl
 
     model = load_model(model_name, device, dtype=torch.float32)
     flat = [(p, c) for p, group in zip(prompts, out) for c in group][:sample]
-    rescored = score_completions(model, [p for p, _ in flat], [c.token_ids for _, c in flat], tokenizer.pad_token_id,
-                                 temperature)
+    rescored = score_completions(model, [p for p, _ in flat], [c.token_ids for _, c in flat], temperature)
     gaps = [abs(a - b) for (_, c), r in zip(flat, rescored) for a, b in zip(c.logprobs, r)]
     return sum(gaps) / max(len(gaps), 1)
 
@@ -70,17 +69,17 @@ def main(argv=None):
     import torch
 
     from grpo.config import Config
-    from grpo.data import PromptBuilder, load_split
+    from grpo.engines.torch_engine import TorchEngine
     from grpo.model import load_model, load_tokenizer, pick_device
-    from grpo.reward import score
-    from grpo.sampling import HFSampler
+    from grpo.tasks.gsm8k import PromptBuilder, load_splits, score
 
     device = pick_device("auto")
-    cfg = Config(model=args.model, temperature=args.temperature, max_new_tokens=args.max_new_tokens).validate()
-    tokenizer = load_tokenizer(cfg.model)
-    train = load_split("bundled", "train")
-    builder = PromptBuilder(tokenizer, cfg.system_prompt, cfg.shots, train)
-    problems = train[:args.problems]
+    cfg = Config().replace(model=args.model, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                           generation_batch_size=args.batch_size, backend="vllm")
+    tokenizer = load_tokenizer(cfg.policy.model)
+    splits = load_splits("bundled")
+    builder = PromptBuilder(tokenizer, cfg.data.system_prompt, cfg.data.shots, splits.exemplars)
+    problems = splits.pool[:args.problems]
     prompts = [builder.ids(p) for p in problems]
     golds = [p.answer for p in problems for _ in range(args.attempts)]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -98,16 +97,17 @@ def main(argv=None):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         if backend == "vllm":
-            try:
-                from grpo.vllm_sampler import VLLMSampler
-                import vllm  # noqa: F401
-            except ImportError:
+            from grpo.engines import vllm_available
+
+            if not vllm_available():
                 print("vllm: not installed, skipped", file=sys.stderr)
                 continue
-            sampler = VLLMSampler(cfg, device)
+            from grpo.engines.vllm_engine import VLLMEngine
+
+            sampler = VLLMEngine(cfg.engine, cfg.policy.model, device)
         elif backend in ("hf", "generate"):
-            model = load_model(cfg.model, device, dtype=dtype)
-            sampler = HFSampler(model, tokenizer, args.batch_size)
+            model = load_model(cfg.policy.model, device, dtype=dtype)
+            sampler = TorchEngine(model, tokenizer, args.batch_size)
             sampler.generate(prompts[:2], 2, args.temperature, 8)  # warm-up, not timed
         if device == "cuda":
             torch.cuda.synchronize()
@@ -123,14 +123,14 @@ def main(argv=None):
             torch.cuda.synchronize()
         record(backend, texts, tokens, time.perf_counter() - started)
         if backend != "generate":  # do the sampler's logprobs describe what the trainer will score?
-            rows[-1]["logprob_gap"] = _logprob_gap(cfg.model, device, tokenizer, prompts, out, args.temperature)
+            rows[-1]["logprob_gap"] = _logprob_gap(cfg.policy.model, device, prompts, out, args.temperature)
         del sampler
         gc.collect()
 
     base = next((r["tokens_per_s"] for r in rows if r["backend"] == "generate"), None)
     card = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{args.problems} problems x {args.attempts} attempts, T={args.temperature}, max {args.max_new_tokens} "
-          f"new tokens, {cfg.model}, {card}\n")
+          f"new tokens, {cfg.policy.model}, {card}\n")
     print("| backend | tokens/s | seconds | generated tokens | boxed rate | vs generate | peak GPU GiB | logprob gap |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

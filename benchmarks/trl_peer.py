@@ -43,18 +43,17 @@ def main() -> None:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from grpo.config import Config
-    from grpo.data import PromptBuilder, load_split
+    from grpo.config import Engine
     from grpo.model import load_tokenizer, pick_device, resolve
-    from grpo.reward import score
+    from grpo.tasks.gsm8k import PromptBuilder, load_splits, score
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device("auto")
     tokenizer = load_tokenizer(args.model)
-    train = load_split("bundled", "train")
-    builder = PromptBuilder(tokenizer, args.system_prompt, args.shots, train)
-    pool = train[:-args.shots] if args.shots else train
+    splits = load_splits("bundled")
+    builder = PromptBuilder(tokenizer, args.system_prompt, args.shots, splits.exemplars)
+    pool = splits.pool  # the problems our rollouts sample (validation and exemplars held out)
     # the exact prompt text ours feeds the sampler (chat template applied), so TRL adds no template of its own
     dataset = Dataset.from_list([{"prompt": builder.text(p), "answer": p.answer} for p in pool])
     outcomes: list[list[str]] = []
@@ -112,12 +111,13 @@ def main() -> None:
     if device == "cuda":
         torch.cuda.empty_cache()
 
-    from grpo.sampling import make_sampler
+    from grpo.engines import make_engine
     from grpo.stages import evaluate
 
-    cfg = Config(model=args.model, backend="hf", generation_batch_size=args.generation_batch_size)
-    sampler = make_sampler(cfg, device, checkpoint=str(out / "final"))
-    _, metrics = evaluate(sampler, builder, load_split("bundled", "test"), args.eval_limit, args.max_new_tokens)
+    engine = make_engine(Engine(backend="hf", generation_batch_size=args.generation_batch_size), args.model, device,
+                         checkpoint=str(out / "final"))
+    test = splits.test[:args.eval_limit] if args.eval_limit else splits.test
+    _, metrics = evaluate(engine, builder, test, args.max_new_tokens)
     summary = {"train_seconds": train_seconds, "peak_gpu_gib": peak, "test": metrics,
                "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "args": vars(args)}
     (out / "trl_summary.json").write_text(json.dumps(summary, indent=1))

@@ -1,16 +1,18 @@
-"""Reference-model logprobs and group-normalised advantages for a rollouts file."""
+"""Reference-model logprobs and group-normalised advantages for a rollouts file. The model and temperature are
+the ones the rollouts record; an explicit model that differs is refused."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script by `mlflow run`
 
-from grpo import pipeline, stages, tracking  # noqa: E402
+from grpo import tracking  # noqa: E402
 from grpo.cli import run_entrypoint  # noqa: E402
-from grpo.data import DataError  # noqa: E402
 
 
 def rollouts_path(source: str) -> Path:
     """A local JSONL path, or an MLflow artifact URI (runs:/<run_id>/rollouts/iter-0000.jsonl)."""
+    from grpo.errors import DataError
+
     if not source:
         raise DataError("pass rollouts=<path or runs:/ URI> (the output of the rollout entry point)")
     if "://" in source or source.startswith("runs:/"):
@@ -22,11 +24,19 @@ def rollouts_path(source: str) -> Path:
     return Path(source)
 
 
-def main(cfg):
-    with tracking.stage_run("annotate", cfg.as_params("annotate"), run_name=f"annotate-{cfg.iteration}"):
-        rows = stages.read_jsonl(rollouts_path(cfg.rollouts))
-        out = Path(cfg.output or "annotated") / f"iter-{cfg.iteration:04d}.jsonl"
-        m = pipeline.annotate_stage(pipeline.Workspace(cfg), rows, cfg.iteration, out)
+def main(cfg, hints):
+    from grpo.artifacts import claim_output, read_jsonl
+    from grpo.pipeline import logged_annotate
+    from grpo.stages import recorded, rows_model
+    from grpo.workspace import Workspace
+
+    rows = read_jsonl(rollouts_path(cfg.io.rollouts))
+    cfg = cfg.replace(model=rows_model(cfg, rows))
+    i = recorded(rows, "iteration")
+    with tracking.stage_run("annotate", cfg.as_params("annotate") | {"iteration": str(i)},
+                            run_name=f"annotate-{i}"):
+        out = claim_output(Path(cfg.io.output or "annotated"), cfg.io.overwrite) / f"iter-{i:04d}.jsonl"
+        m = logged_annotate(Workspace(cfg), rows, i, out)
         print(f"annotated: {out}  groups with signal {m['signal_fraction']:.0%}")
 
 

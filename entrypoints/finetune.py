@@ -1,24 +1,42 @@
-"""Train the policy on an annotated set with the GRPO loss, in its own process; checkpoint and log it."""
+"""Train the policy on an annotated set with the GRPO loss; write a checkpoint and log it. Temperature, token
+limit, iteration and model come from the annotated rows (what rollout used)."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script by `mlflow run`
 
-from grpo import stages, tracking  # noqa: E402
+from grpo import tracking  # noqa: E402
 from grpo.cli import run_entrypoint  # noqa: E402
-from grpo.data import DataError  # noqa: E402
 
 
-def main(cfg):
-    from grpo.finetune import Trainer, train_logged
-    from grpo.model import pick_device
+def main(cfg, hints):
+    import mlflow
+    from tqdm.auto import tqdm
 
-    if not Path(cfg.annotated).is_file():
-        raise DataError(f"annotated set {cfg.annotated or '(empty)'} not found; pass annotated=<annotate output>")
-    with tracking.stage_run("finetune", cfg.as_params("finetune"), run_name=f"finetune-{cfg.iteration}"):
-        output = Path(cfg.output or "checkpoints/latest")
-        trainer = Trainer(cfg, cfg.checkpoint, pick_device(cfg.device))
-        summary = train_logged(trainer, cfg, stages.read_jsonl(cfg.annotated), output)
+    from grpo.artifacts import check_replaceable, read_jsonl
+    from grpo.pipeline import log_step
+    from grpo.trainer import drain
+    from grpo.stages import recorded, rows_model
+    from grpo.trainer import Trainer, plan_steps, trainable
+    from grpo.workspace import place
+
+    rows = read_jsonl(Path(cfg.io.annotated)) if cfg.io.annotated else []
+    if not rows:
+        from grpo.errors import DataError
+
+        raise DataError(f"annotated set {cfg.io.annotated or '(empty)'} has no rows; pass annotated=<annotate output>")
+    cfg = cfg.replace(model=rows_model(cfg, rows))
+    i = recorded(rows, "iteration")
+    output = check_replaceable(Path(cfg.io.output or "checkpoints/latest"), cfg.io.overwrite)
+    with tracking.stage_run("finetune", cfg.as_params("finetune") | {"iteration": str(i)}, run_name=f"finetune-{i}"):
+        trainer = Trainer(cfg.policy.model, cfg.optim, place(cfg.policy, cfg.engine).trainer, cfg.io.checkpoint)
+        steps = len(plan_steps(trainable(rows), cfg.optim, cfg.loop.seed, i))
+        with tqdm(total=steps, desc=f"finetune (iteration {i})", unit="step", leave=False, disable=None) as bar:
+            summary = drain(trainer.train(rows, i, cfg.loop.seed, steps), lambda e: (log_step(e), bar.update(1)))
+        trainer.save(output, background=False)
+        tracking.log_metrics(summary, step=i)
+        mlflow.set_tag("grpo.checkpoint", str(output.resolve()))
+        mlflow.log_artifacts(str(output), "checkpoint")
         print(f"checkpoint: {output}  steps={summary['optimizer_steps']}  kl={summary.get('last_kl', 0):.4f}")
 
 

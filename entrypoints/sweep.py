@@ -1,4 +1,5 @@
-"""Optuna sweep over temperature, attempts and learning rate; one nested MLflow run per trial."""
+"""Optuna sweep over temperature, attempts and learning rate; one nested MLflow run per trial, tuned on the
+held-out validation split."""
 import sys
 from pathlib import Path
 
@@ -7,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from grpo.cli import run_entrypoint  # noqa: E402
 
 
-def main(cfg):
+def main(cfg, hints):
     from grpo.sweep import run_sweep
 
     run_sweep(cfg)

@@ -1,4 +1,9 @@
-"""GRPO maths as pure tensor functions (shapes in docstrings). Losses return `(loss, metrics)`."""
+"""GRPO maths as pure tensor functions (shapes in docstrings). The loss returns `(loss, metrics)`.
+
+Tokens are flat: a micro-batch is the completion tokens of its sequences concatenated, N tokens in all, with
+`seq` [N] naming the sequence (0..B-1) each token belongs to. How the per-token objective is averaged is a
+separate step (`token_weights`): its weights are normalised by the whole optimiser step (all its micro-batches),
+so the gradient does not depend on how the step is cut into micro-batches."""
 from __future__ import annotations
 
 import torch
@@ -11,64 +16,77 @@ def group_advantages(rewards: torch.Tensor, scale_std: bool = True, eps: float =
     """rewards [G, A] (G problems x A attempts) -> advantages [G, A]: (r - mean_g) / (std_g + eps).
 
     std is the unbiased sample std (torch default), as in the reference; a constant group gives 0, not NaN;
-    a group of one attempt has no baseline and gets 0."""
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    a group of one attempt has no baseline and gets 0. scale_std=False: centred rewards only (Dr. GRPO)."""
     if rewards.shape[1] < 2:
         return torch.zeros_like(rewards)
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
     if not scale_std:
         return centred
     return centred / (rewards.std(dim=1, keepdim=True) + eps)
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """logits [B, T, V], targets [B, T] -> logprob of each target under softmax(logits / T), [B, T] float32."""
+    """logits [..., V], targets [...] -> logprob of each target under softmax(logits / T), [...] float32."""
     scaled = logits.float() / temperature
     return scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
 
 
 def kl_k3(new_logp: torch.Tensor, ref_logp: torch.Tensor, clamp: float = LOG_RATIO_CLAMP) -> torch.Tensor:
-    """Per-token k3 estimator of KL(new || ref): exp(d) - d - 1 with d = ref - new clamped to +-clamp. [B, T]."""
+    """Per-token k3 estimator of KL(new || ref): exp(d) - d - 1 with d = ref - new clamped to +-clamp."""
     d = (ref_logp - new_logp).clamp(-clamp, clamp)
     return torch.exp(d) - d - 1
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+def token_weights(seq: torch.Tensor, seq_tokens: torch.Tensor, reduction: str, step_sequences: int,
+                  step_tokens: int, max_tokens: int) -> torch.Tensor:
+    """Weight of each token in the optimiser step's objective, [N].
+
+    seq [N]: sequence index of each token; seq_tokens [B]: completion tokens of each sequence of the micro-batch;
+    step_sequences / step_tokens: sequences / completion tokens of the whole optimiser step.
+    'seq_mean': 1 / (tokens of its sequence * step_sequences) (token mean per sequence, then mean; reference);
+    'token_mean': 1 / step_tokens; 'seq_sum': 1 / (max_tokens * step_sequences) (Dr. GRPO's constant)."""
+    if reduction == "seq_mean":
+        return 1.0 / (seq_tokens[seq].float() * step_sequences)
+    if reduction == "token_mean":
+        return torch.full(seq.shape, 1.0 / step_tokens, device=seq.device)
+    if reduction == "seq_sum":
+        return torch.full(seq.shape, 1.0 / (max_tokens * step_sequences), device=seq.device)
+    raise ValueError(f"unknown reduction {reduction!r}")
 
 
 def grpo_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
-              mask: torch.Tensor, epsilon: float = 0.2, epsilon_high: float = 0.2, kl_coef: float = 0.01,
-              reduction: str = "seq_mean", max_tokens: int | None = None) -> tuple[torch.Tensor, dict]:
-    """Clipped-surrogate GRPO loss with a k3 KL penalty.
+              weights: torch.Tensor, epsilon: float = 0.2, epsilon_high: float = 0.2, kl_coef: float = 0.01,
+              is_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Clipped-surrogate GRPO loss with a k3 KL penalty, for one micro-batch.
 
-    new_logp, old_logp, ref_logp, mask: [B, T] (mask 1 on completion tokens, 0 on prompt and padding);
-    advantages: [B] one per sequence. old_logp are the sampler's logprobs (same softmax(logits / T)).
-    reduction: 'seq_mean' token mean per sequence, then mean over sequences (reference);
-    'token_mean' mean over every token of the batch; 'seq_sum' token sum / max_tokens, then mean.
-    Returns (scalar loss to minimise, metrics of python floats)."""
-    mask = mask.float()
+    new_logp, old_logp, ref_logp, advantages, weights: [N] per completion token (advantages repeated over the
+    tokens of their sequence; weights from `token_weights`). old_logp is the ratio's old policy: the sampler's
+    logprobs under the same softmax(logits / T), or the trainer's own before its first update. is_weight [N]
+    (optional, no gradient): truncated importance weight min(p_old / p_sampler, C) multiplying the surrogate.
+    Returns (loss to minimise = -sum(weights * objective), metrics as sums over the tokens, so that the
+    trainer can add them over micro-batches: kl_sum, clipped, ratio_sum, ratio_max, tokens)."""
     log_ratio = (new_logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
-    adv = advantages.unsqueeze(-1)
-    clipped_ratio = ratio.clamp(1 - epsilon, 1 + epsilon_high)
-    surrogate = torch.minimum(ratio * adv, clipped_ratio * adv)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - epsilon, 1 + epsilon_high) * advantages
+    surrogate = torch.minimum(unclipped, clipped)
+    if is_weight is not None:
+        surrogate = surrogate * is_weight
     kl = kl_k3(new_logp, ref_logp)
-    per_token = surrogate - kl_coef * kl
-    if reduction == "seq_mean":
-        objective = masked_mean(per_token, mask, dim=-1).mean()
-    elif reduction == "token_mean":
-        objective = masked_mean(per_token, mask)
-    elif reduction == "seq_sum":
-        objective = ((per_token * mask).sum(-1) / (max_tokens or mask.shape[-1])).mean()
-    else:
-        raise ValueError(f"unknown reduction {reduction!r}")
+    objective = surrogate - kl_coef * kl
+    loss = -(objective * weights).sum()
     with torch.no_grad():
-        clipped = (ratio * adv != surrogate) & mask.bool()
         metrics = {
-            "kl": masked_mean(kl, mask).item(),
-            "clip_fraction": masked_mean(clipped.float(), mask).item(),
-            "ratio_mean": masked_mean(ratio, mask).item(),
-            "ratio_max": ratio.masked_fill(~mask.bool(), 0).max().item() if mask.any() else 0.0,
-            "tokens": mask.sum().item(),
+            "kl_sum": kl.sum().item(),
+            "clipped": (clipped < unclipped).sum().item(),  # the clip decided the token's objective
+            "ratio_sum": ratio.sum().item(),
+            "ratio_max": ratio.max().item() if ratio.numel() else 0.0,
+            "tokens": ratio.numel(),
         }
-    return -objective, metrics
+    return loss, metrics
+
+
+def truncated_is_weight(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """min(p_trainer / p_sampler, cap) per token, [N], no gradient: corrects for the engine sampling from a
+    slightly different distribution than the trainer computes (precision, kernels)."""
+    return torch.exp((trainer_logp - sampler_logp).clamp(max=LOG_RATIO_CLAMP)).clamp(max=cap).detach()

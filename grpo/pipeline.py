@@ -1,275 +1,293 @@
-"""Stage bodies with their MLflow logging, and `run_main`, which chains them under one parent run and resumes
-a killed run from its last finished stage."""
+"""The GRPO chain under one parent MLflow run: evaluate, then per iteration rollout -> annotate -> finetune (in the
+trainer's own process) -> new weights to the engine in memory, with evaluations between.
+
+Design choices: the engine and the reference model stay in this process, the trainer in its own, both warm for
+the whole run. Full training state is written in the background every `checkpoint_every` iterations; a killed
+run resumes from its newest complete checkpoint and replays (without logging again) the finetune stages after
+it from their annotated rows, so no stage runs twice and no metric step is logged twice."""
 from __future__ import annotations
 
-import json
-import os
+import math
+import shutil
+import sys
 import time
-from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 from grpo import stages, tracking
-from grpo.trainer_process import TrainerProcess
+from grpo.artifacts import (RunLock, RunState, checkpoint_info, checkpoint_path, latest_checkpoint, read_jsonl,
+                            remove_partials, write_jsonl)
+from grpo.runner import Stage, StageRunner
+from grpo.trainer import drain
 
+# which stage metrics the main run carries, under which names (one place)
+PARENT_METRICS = {
+    "rollout": {"train_reward_mean": "reward_mean", "train_correct_rate": "correct_rate",
+                "train_boxed_rate": "boxed_rate", "train_unparseable_rate": "unparseable_rate",
+                "train_completion_tokens_mean": "completion_tokens_mean", "rollout_tokens_per_s": "tokens_per_s",
+                "rollout_tokens": "generated_tokens", "rollout_peak_gpu_gib": "peak_gpu_gib"},
+    "annotate": {"signal_fraction": "signal_fraction"},
+    "finetune": {"kl": "last_kl", "train_tokens_per_s": "train_tokens_per_s", "trainer_peak_gpu_gib": "peak_gpu_gib",
+                 "sampler_gap_mean": "sampler_gap_mean", "sampler_gap_max": "sampler_gap_max",
+                 "sampler_outside_clip": "sampler_outside_clip", "weights_handoff_seconds": "handoff_seconds"},
+    "evaluate": {f"{split}_{m}": f"{split}_{m}" for split in ("val", "test")
+                 for m in ("accuracy", "boxed_rate", "completion_tokens_mean")},
+}
+MAIN_METRICS = sorted({m for names in PARENT_METRICS.values() for m in names} | {f"time_{s}" for s in PARENT_METRICS})
 TABLE_COLUMNS = ("problem_id", "question", "gold", "completion", "reward", "outcome")
 
 
-class Workspace:
-    """What the stages of one process share: data, tokenizer, prompt builder, rollout engine, reference model."""
+class Chain:
+    """The stage bodies of one main run and what they share."""
 
-    def __init__(self, cfg, checkpoint: str = ""):
-        from grpo.model import pick_device
+    def __init__(self, cfg, folder: Path, runner: StageRunner):
+        from grpo.trainer_process import TrainerClient
+        from grpo.workspace import Workspace
 
-        self.cfg, self.checkpoint = cfg, checkpoint
-        self.device = pick_device(cfg.device)
+        self.cfg, self.folder, self.runner = cfg, folder, runner
+        checkpoint = latest_checkpoint(folder)
+        self.checkpoint = str(checkpoint) if checkpoint else ""
+        self.trained = checkpoint_info(checkpoint)["iteration"] + 1 if checkpoint else 0  # iterations in the weights
+        self.ws = Workspace(cfg, checkpoint=self.checkpoint)
+        self.trainer = TrainerClient(cfg.loop.trainer_timeout)
+        self.saved = self.trained - 1  # the newest iteration whose checkpoint exists or is being written
+        self.last: dict[str, dict] = {}  # newest metrics of each stage, for the progress line
 
-    @cached_property
-    def train(self):
-        from grpo.data import load_split
+    def path(self, kind: str, i: int) -> Path:
+        return self.folder / kind / f"iter-{i:04d}.jsonl"
 
-        return load_split(self.cfg.dataset, "train")
+    # --- stage bodies: (stage run id) -> metrics ---
 
-    @cached_property
-    def test(self):
-        from grpo.data import load_split
+    def rollout(self, i: int, run_id: str) -> dict:
+        return logged_rollout(self.ws, i, self.path("rollouts", i))
 
-        return load_split(self.cfg.dataset, "test")
+    def annotate(self, i: int, run_id: str) -> dict:
+        rows = read_jsonl(self.path("rollouts", i))
+        return logged_annotate(self.ws, rows, i, self.path("annotated", i))
 
-    @cached_property
-    def sampler(self):
-        from grpo.sampling import make_sampler
+    def finetune(self, i: int, run_id: str) -> dict:
+        from tqdm.auto import tqdm
 
-        return make_sampler(self.cfg, self.device, self.checkpoint)
+        self.start_trainer()
+        bar = tqdm(desc=f"finetune (iteration {i})", unit="step", leave=False, disable=None)
+        steps = self.trainer.train(self.path("annotated", i), i, self.cfg.loop.seed, self.planned_steps())
+        summary = drain(steps, lambda event: (log_step(event, run_id), bar.update(1)))
+        bar.close()
+        self.trained = i + 1
+        summary.update(self.hand_over())
+        tracking.log_metrics(summary, step=i, run_id=run_id)
+        return summary
 
-    @cached_property
-    def builder(self):
-        from grpo.data import PromptBuilder
-        from grpo.model import load_tokenizer
+    def evaluate(self, step: int, run_id: str) -> dict:
+        ev = self.cfg.evaluation
+        return logged_evaluate(self.ws, step, {"val": ev.val_limit, "test": ev.eval_limit})
 
-        return PromptBuilder(load_tokenizer(self.cfg.model), self.cfg.system_prompt, self.cfg.shots, self.train)
+    # --- the trainer and the engine ---
 
-    @cached_property
-    def reference(self):
-        from grpo.model import load_model
+    def start_trainer(self) -> None:
+        if not self.trainer.alive:
+            p = self.ws.placement
+            self.trainer.start(self.cfg.policy.model, self.cfg.optim, p.trainer, self.checkpoint,
+                               p.trainer_memory_fraction, self.ws.probe)
 
-        return load_model(self.cfg.model, self.device)
+    def planned_steps(self) -> int:
+        """Optimiser steps of the whole run if every group had signal: the horizon of the cosine schedule."""
+        o, s = self.cfg.optim, self.cfg.sampling
+        return self.cfg.loop.max_iterations * math.ceil(s.problems * s.attempts /
+                                                        (o.train_batch_size * o.gradient_accumulation_passes))
+
+    def hand_over(self) -> dict:
+        """The trainer's weights into the engine, in memory; verified on the probe sequence."""
+        from grpo.engines import publish
+
+        return publish(self.ws.engine, self.trainer.weights, self.trained, self.ws.probe, self.trainer.probe())
+
+    def replay(self, done) -> None:
+        """Finetune stages that finished after the newest checkpoint: train on their annotated rows again, without
+        logging, so the trainer holds the weights the run had reached (they were in memory only)."""
+        while done(f"finetune-{self.trained}"):
+            i = self.trained
+            print(f"grpo main: replaying finetune of iteration {i} (after the newest checkpoint)", file=sys.stderr)
+            self.start_trainer()
+            drain(self.trainer.train(self.path("annotated", i), i, self.cfg.loop.seed, self.planned_steps()))
+            self.trained = i + 1
+            self.hand_over()
+
+    def save(self, i: int) -> None:
+        """Full state of iteration i in the background (the trainer prunes older checkpoints once it is complete);
+        rows only replay needs are dropped once the previous checkpoint is complete."""
+        self.trainer.save(checkpoint_path(self.folder, i))
+        self.saved = i
+        done = latest_checkpoint(self.folder)
+        if done is not None:
+            for kind in ("rollouts", "annotated"):
+                for old in (self.folder / kind).glob("iter-*.jsonl"):
+                    if int(old.stem.split("-")[1]) <= checkpoint_info(done)["iteration"]:
+                        old.unlink(missing_ok=True)
 
 
-def rollout_stage(ws: Workspace, iteration: int, out: Path) -> dict:
-    rows, metrics = stages.rollout(ws.cfg, ws.sampler, ws.builder, ws.train, iteration)
-    if ws.device == "cuda":  # this process holds the sampler and the reference model
-        import torch
+# --- stage bodies with their logging, shared by the chain and the stand-alone entry points ---
 
-        metrics["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    stages.write_jsonl(rows, out)
-    tracking.log_metrics(metrics, step=iteration)
+def logged_rollout(ws, i: int, out: Path) -> dict:
+    cfg = ws.cfg
+    rows, metrics = stages.rollout(ws.engine, ws.builder, ws.splits.pool, cfg.sampling, cfg.engine.max_new_tokens,
+                                   i, cfg.loop.seed, cfg.policy.model)
+    metrics.update(_peak_gpu())
+    write_jsonl(rows, out)
+    tracking.log_metrics(metrics, step=i)
     tracking.log_rows(rows, f"rollouts/{out.name}")
-    tracking.log_traces(rows, "rollout", ws.cfg.trace_samples, step=iteration)
+    tracking.log_traces(rows, "rollout", cfg.evaluation.trace_samples, step=i)
     return metrics
 
 
-def annotate_stage(ws: Workspace, rows: list[dict], iteration: int, out: Path) -> dict:
+def logged_annotate(ws, rows: list[dict], i: int, out: Path) -> dict:
+    from tqdm.auto import tqdm
+
     started = time.perf_counter()
-    rows, metrics = stages.annotate(ws.cfg, rows, ws.reference, ws.builder.tokenizer.pad_token_id)
+    with tqdm(total=len(rows), desc="annotate (reference logprobs)", unit="seq", leave=False, disable=None) as bar:
+        rows, metrics = stages.annotate(rows, ws.reference, ws.cfg.scoring, progress=bar.update)
     metrics["seconds"] = time.perf_counter() - started
-    stages.write_jsonl(rows, out)
-    tracking.log_metrics(metrics, step=iteration)
+    write_jsonl(rows, out)
+    tracking.log_metrics(metrics, step=i)
     tracking.log_rows(rows, f"annotated/{out.name}")
     return metrics
 
 
-def evaluate_stage(ws: Workspace, step: int, limit: int) -> dict:
-    rows, metrics = stages.evaluate(ws.sampler, ws.builder, ws.test, limit, ws.cfg.max_new_tokens)
+def logged_evaluate(ws, step: int, limits: dict[str, int]) -> dict:
+    """Greedy evaluation of each split in `limits` ('val', 'test'; limit 0 = all of test, none of val)."""
+    metrics = {}
+    for split, limit in limits.items():
+        if split == "val" and not limit:
+            continue
+        problems = ws.splits.validation if split == "val" else ws.splits.test
+        rows, m = stages.evaluate(ws.engine, ws.builder, problems[:limit] if limit else problems,
+                                  ws.cfg.engine.max_new_tokens, prefix=split)
+        metrics |= m
+        tracking.log_table(rows, f"eval/{split}_step_{step:04d}.json", TABLE_COLUMNS)
+        if split == "test" or len(limits) == 1:
+            tracking.log_traces(rows, "evaluate", ws.cfg.evaluation.trace_samples, step=step)
     tracking.log_metrics(metrics, step=step)
-    tracking.log_table(rows, f"eval/results_step_{step:04d}.json", TABLE_COLUMNS)
-    tracking.log_traces(rows, "evaluate", ws.cfg.trace_samples, step=step)
     return metrics
 
 
-class State:
-    """Which stages of a main run are finished and which run each stage used, kept next to the checkpoints
-    and rewritten atomically after every change."""
-
-    def __init__(self, folder: Path):
-        self.path = folder / "state.json"
-        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"done": {}, "runs": {}}
-
-    def _save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
-
-    def mark(self, key: str, metrics: dict) -> None:
-        self.data["done"][key] = metrics
-        self._save()
-
-    def started(self, key: str, run_id: str) -> str | None:
-        """Record the run now used for `key`; return the one a killed earlier attempt left, if any."""
-        stale = self.data["runs"].get(key)
-        self.data["runs"][key] = run_id
-        self._save()
-        return stale
+def log_step(event: dict, run_id: str | None = None) -> None:
+    """One optimiser step's metrics (step = the run's optimiser step), prefixed step_."""
+    tracking.log_metrics(event["metrics"], step=event["step"], prefix="step_", run_id=run_id)
 
 
-def _log_once(client, run_id: str, metrics: dict[str, float], step: int) -> None:
-    """Log parent metrics, skipping any already logged at this step (a resumed run re-entering a stage)."""
+def _peak_gpu() -> dict:
+    import torch
+
+    return {"peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
+
+
+def run_main(cfg, folder: Path | None = None, changes: dict | None = None, on_logged=None) -> dict:
+    """The chain under the active MLflow run (a fresh one, or the run `resume.prepare` found). on_logged(step,
+    metrics) sees the main-run metrics as they are logged (the sweep reports its objective from it)."""
     import mlflow
 
-    for key, value in metrics.items():
-        if not any(m.step == step for m in client.get_metric_history(run_id, key)):
-            mlflow.log_metric(key, float(value), step=step)
-
-
-def run_main(cfg, on_eval: Callable[[int, float], None] | None = None) -> dict:
-    """rollout -> annotate -> finetune for cfg.max_iterations, evaluating at the start, every
-    cfg.test_every_n_iterations and at the end; each stage a nested run of the active run. Rerunning with the
-    same parent run id skips finished stages."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from grpo.model import resolve
-
-    parent = mlflow.active_run().info.run_id
-    client = MlflowClient()
-    folder = Path(cfg.work_dir).resolve() / parent
+    run = mlflow.active_run()
+    folder = folder or Path(cfg.loop.work_dir).resolve() / run.info.run_id
     folder.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tag("grpo.work_dir", str(folder))
-    state = State(folder)
-    _remove_partial_checkpoints(folder)
-    resolve(cfg.model)  # materialise the bundled model once, before any stage process needs it
-    checkpoint = lambda i: folder / f"checkpoints/iter-{i:04d}"  # noqa: E731
-    trained = [i for i in range(cfg.max_iterations) if f"finetune-{i}" in state.data["done"]]
-    ws = Workspace(cfg, checkpoint=str(checkpoint(trained[-1])) if trained else "")
-    result: dict[str, float] = {}
-
-    def stage(key: str, step: int, body: Callable[[str], dict], parent_metrics: dict[str, str]) -> dict:
-        """Run `body(run_id)` in a nested run unless `key` finished before; log chosen metrics to the parent."""
-        name = key.split("-")[0]
-        if key not in state.data["done"]:
-            started = time.perf_counter()
-            with mlflow.start_run(run_name=key, nested=True, tags={"grpo.stage": name}) as run:
-                stale = state.started(key, run.info.run_id)
-                if stale and client.get_run(stale).info.status == "RUNNING":
-                    client.set_terminated(stale, "KILLED")  # the process that owned it died
-                if name != "finetune":  # the finetune process logs its own, with its input paths
-                    tracking.log_params(cfg.replace(iteration=step).as_params(name))
-                with tracking.killed_on_interrupt():
-                    metrics = body(run.info.run_id)
-            metrics["stage_seconds"] = time.perf_counter() - started
-            state.mark(key, metrics)
-        metrics = state.data["done"][key]
-        _log_once(client, parent, {f"time_{name}": metrics["stage_seconds"]}
-                  | {target: metrics[source] for target, source in parent_metrics.items() if source in metrics}, step)
-        return metrics
-
-    def evaluation(step: int) -> None:
-        fresh = f"evaluate-{step}" not in state.data["done"]
-        m = stage(f"evaluate-{step}", step, lambda _: evaluate_stage(ws, step, cfg.eval_limit),
-                  {"test_accuracy": "test_accuracy", "test_boxed_rate": "test_boxed_rate",
-                   "test_completion_tokens_mean": "test_completion_tokens_mean"})
-        if fresh:
-            _plot(client, parent)
-        result.update(test_accuracy=m["test_accuracy"], test_boxed_rate=m["test_boxed_rate"])
-        if on_eval:
-            on_eval(step, m["test_accuracy"])
-
-    def finetune_body(i: int, annotated: Path, run_id: str) -> dict:
-        stage_cfg = cfg.replace(iteration=i, annotated=str(annotated), checkpoint=ws.checkpoint,
-                                output=str(checkpoint(i)), log_checkpoint=i == cfg.max_iterations - 1)
-        summary = trainer.train(stage_cfg, run_id)
-        return {"kl": summary.get("last_kl", 0.0), "train_tokens_per_s": summary["train_tokens_per_s"],
-                "peak_gpu_gib": summary["peak_gpu_gib"]}
-
-    def iteration(i: int) -> None:
-        rollouts, annotated = folder / f"rollouts/iter-{i:04d}.jsonl", folder / f"annotated/iter-{i:04d}.jsonl"
-        stage(f"rollout-{i}", i, lambda _: rollout_stage(ws, i, rollouts),
-              {f"train_{k}": k for k in ("reward_mean", "correct_rate", "boxed_rate", "unparseable_rate",
-                                         "completion_tokens_mean")}
-              | {"rollout_tokens_per_s": "tokens_per_s", "rollout_tokens": "generated_tokens",
-                 "rollout_peak_gpu_gib": "peak_gpu_gib"})
-        stage(f"annotate-{i}", i, lambda _: annotate_stage(ws, stages.read_jsonl(rollouts), i, annotated),
-              {"signal_fraction": "signal_fraction"})
-        stage(f"finetune-{i}", i, lambda run_id: finetune_body(i, annotated, run_id),
-              {"kl": "kl", "train_tokens_per_s": "train_tokens_per_s", "trainer_peak_gpu_gib": "peak_gpu_gib"})
-        if ws.checkpoint != str(checkpoint(i)):
-            ws.checkpoint = str(checkpoint(i))
-            if "sampler" in ws.__dict__:
-                ws.sampler.load_weights(ws.checkpoint)  # serve the new policy without rebuilding the engine
-        _prune_checkpoints(folder, keep=checkpoint(i))
-        every = cfg.test_every_n_iterations
-        if i == cfg.max_iterations - 1 or (every and (i + 1) % every == 0):
-            evaluation(i + 1)
-
-    trainer = TrainerProcess()  # the finetune stage's own process, kept warm across iterations
-    started = time.monotonic()
-    try:
-        evaluation(0)
-        for i in range(cfg.max_iterations):
-            out_of_time = cfg.max_seconds and time.monotonic() - started > cfg.max_seconds
-            if out_of_time and f"rollout-{i}" not in state.data["done"]:
-                mlflow.set_tag("grpo.stopped", f"max_seconds={cfg.max_seconds:g} reached after {i} iterations")
-                if i and f"evaluate-{i}" not in state.data["done"]:
-                    evaluation(i)
-                if ws.checkpoint:
-                    mlflow.log_artifacts(ws.checkpoint, "checkpoint")  # the last iteration's weights
-                break
-            iteration(i)
-    except BaseException:
-        trainer.close(kill=True)
-        raise
-    trainer.close()
-    _plot(client, parent)
+    with RunLock(folder):
+        state = RunState(folder)
+        if "params" not in state.data:
+            state.set("params", cfg.as_params("main"))
+        for name, (was, now) in (changes or {}).items():
+            mlflow.set_tag(f"grpo.resumed.{name}", f"{was} -> {now}")
+        mlflow.set_tag("grpo.work_dir", str(folder))
+        remove_partials(folder)
+        chain = Chain(cfg, folder, None)
+        progress = _Progress(cfg, chain, on_logged)
+        chain.runner = StageRunner(run.info.run_id, run.info.experiment_id, state, progress.logged)
+        try:
+            result = _loop(cfg, chain, state)
+        except BaseException:
+            chain.trainer.close(kill=True)
+            raise
+        chain.trainer.close()
+        _finish(chain, state)
     return result
 
 
-def _remove_partial_checkpoints(folder: Path) -> None:
-    """Temp folders of a checkpoint write that a killed run left (complete ones are renamed into place)."""
-    import shutil
+def _loop(cfg, chain: Chain, state: RunState) -> dict:
+    from grpo.plots import log_learning_curve
 
-    for partial in (folder / "checkpoints").glob(".iter-*"):
-        shutil.rmtree(partial, ignore_errors=True)
+    run, loop, started = chain.runner.run, cfg.loop, time.monotonic()
+    parent, every = chain.runner.parent, cfg.evaluation.test_every_n_iterations
+    due = lambda i: i == 0 or i == loop.max_iterations or (every and i % every == 0)  # noqa: E731
+    evaluate = lambda i: run(Stage(f"evaluate-{i}", i, lambda r: chain.evaluate(i, r),  # noqa: E731
+                                   PARENT_METRICS["evaluate"]))
+    chain.ws.check_prompt_fits()
+    chain.replay(state.done)
+    evaluations = [evaluate(0)]
+    i = chain.trained
+    if i and due(i):  # a resumed run killed before the evaluation after its last trained iteration
+        evaluations.append(evaluate(i))
+    while i < loop.max_iterations:
+        if loop.max_seconds and time.monotonic() - started > loop.max_seconds and not state.done(f"rollout-{i}"):
+            import mlflow
+
+            mlflow.set_tag("grpo.stopped", f"max_seconds={loop.max_seconds:g} reached after {i} iterations")
+            break
+        run(Stage(f"rollout-{i}", i, lambda r: chain.rollout(i, r), PARENT_METRICS["rollout"],
+                  cfg.as_params("rollout") | {"iteration": str(i)}))
+        run(Stage(f"annotate-{i}", i, lambda r: chain.annotate(i, r), PARENT_METRICS["annotate"],
+                  cfg.as_params("annotate") | {"rollouts": str(chain.path("rollouts", i))}))
+        run(Stage(f"finetune-{i}", i, lambda r: chain.finetune(i, r), PARENT_METRICS["finetune"],
+                  cfg.as_params("finetune") | {"annotated": str(chain.path("annotated", i))}))
+        if (i + 1) % loop.checkpoint_every == 0 or i + 1 == loop.max_iterations:
+            chain.save(i)
+        i += 1
+        if due(i):
+            evaluations.append(evaluate(i))
+            log_learning_curve(parent)
+    if chain.trained and not state.done(f"evaluate-{chain.trained}"):  # stopped early: score what it reached
+        evaluations.append(evaluate(chain.trained))
+    if chain.trained and chain.saved != chain.trained - 1:
+        chain.save(chain.trained - 1)  # stopped between checkpoints, or replayed past the newest one
+    log_learning_curve(parent)
+    last = evaluations[-1]
+    return {k: last[k] for k in ("val_accuracy", "test_accuracy", "test_boxed_rate") if k in last}
 
 
-def _prune_checkpoints(folder: Path, keep: Path) -> None:
-    """Only the newest finished checkpoint is needed to resume; older ones cost ~4 bytes a parameter each."""
-    import shutil
-
-    for old in (folder / "checkpoints").glob("iter-*"):
-        if old != keep:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _plot(client, run_id: str) -> None:
-    """learning_curve.png on the parent run."""
-    import matplotlib.pyplot as plt
+def _finish(chain: Chain, state: RunState) -> None:
+    """A finished run needs no resume state: its final weights go to MLflow, the folder keeps state.json only."""
     import mlflow
 
-    fig = learning_curve(lambda key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)))
-    mlflow.log_figure(fig, "learning_curve.png")
-    plt.close(fig)
+    final = latest_checkpoint(chain.folder)
+    if final is not None:
+        mlflow.log_artifacts(str(final), "checkpoint")
+    state.set("finished", True)
+    for kind in ("checkpoints", "rollouts", "annotated"):
+        shutil.rmtree(chain.folder / kind, ignore_errors=True)
 
 
-def learning_curve(history: Callable[[str], list[tuple[int, float]]]):
-    """Test boxed rate, test accuracy and train rollouts per iteration; `history(metric)` gives (step, value)s."""
-    import matplotlib
+class _Progress:
+    """One line per iteration on the terminal: stage times and the key numbers."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __init__(self, cfg, chain: Chain, on_logged):
+        self.cfg, self.chain, self.on_logged, self.seen = cfg, chain, on_logged, {}
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    panels = ((("test_boxed_rate",), "test boxed rate (greedy)"),
-              (("test_accuracy",), "test accuracy (greedy)"),  # its own scale: small next to the boxed rate
-              (("train_reward_mean", "train_correct_rate", "train_boxed_rate"), "train rollouts"))
-    for axis, (keys, title) in zip(axes, panels):
-        for key in keys:
-            points = history(key)
-            if points:
-                axis.plot(*zip(*points), marker="o", label=key)
-        axis.set_xlabel("iterations trained")
-        axis.set_title(title)
-        axis.grid(alpha=0.3)
-        if len(axis.lines) > 1:
-            axis.legend()
-    fig.tight_layout()
-    return fig
+    def logged(self, step: int, metrics: dict) -> None:
+        self.seen.setdefault(step, {}).update(metrics)
+        if self.on_logged:
+            self.on_logged(step, metrics)
+        m = self.seen[step]
+        if "time_finetune" in m and not m.get("_printed"):
+            m["_printed"] = True
+            line = (f"iteration {step + 1}/{self.cfg.loop.max_iterations}: rollout {m['time_rollout']:.1f}s "
+                    f"(reward {m.get('train_reward_mean', 0):+.2f}, boxed {m.get('train_boxed_rate', 0):.0%}), "
+                    f"annotate {m['time_annotate']:.1f}s (signal {m.get('signal_fraction', 0):.0%}), "
+                    f"finetune {m['time_finetune']:.1f}s (kl {m.get('kl', 0):.4f})")
+            _say(line)
+        if "time_evaluate" in metrics:
+            parts = [f"{k.split('_')[0]} accuracy {metrics[k]:.1%}" for k in ("val_accuracy", "test_accuracy")
+                     if k in metrics]
+            _say(f"evaluation after {step} iterations: " + ", ".join(parts) +
+                 f" (test boxed {metrics.get('test_boxed_rate', 0):.0%}, {metrics['time_evaluate']:.1f}s)")
+
+
+def _say(line: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stderr)

@@ -1,71 +1,202 @@
-"""Per-token logprobs of (prompt, completion) pairs under a model: the trainer's view of a rollout."""
+"""Per-token logprobs of (prompt, completion) pairs under a model: the trainer's and the reference's view of a
+rollout. Rows are packed into one sequence without padding, attention stays within each row, and the
+vocabulary projection runs on completion positions only, in chunks, so a [tokens, vocab] tensor never exists
+for the whole batch (its gradient is recomputed chunk by chunk in the backward pass)."""
 from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
 
 import torch
 
-from grpo.loss import token_logprobs
+VARLEN = "grpo_varlen"  # our attention implementation: flash-attention over packed rows (CUDA)
+CHUNK_ELEMENTS = 2**27  # logits per chunk: 128M floats (0.5 GB) whatever the vocabulary size
 
 
-def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Right-pad prompt+completion rows.
+@dataclass
+class Packed:
+    """Rows packed back to back. ids/positions [1, L]; cu_seqlens [B+1] int32 row starts; where [N] index
+    (into L) of the position that predicts each completion token; targets [N] those tokens; seq [N] their row;
+    seq_tokens [B] completion tokens per row."""
+    ids: torch.Tensor
+    positions: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_len: int
+    where: torch.Tensor
+    targets: torch.Tensor
+    seq: torch.Tensor
+    seq_tokens: torch.Tensor
 
-    Returns ids [B, L], attention [B, L], targets [B, L-1] (= ids shifted left) and mask [B, L-1],
-    1 where the target is a completion token: position j predicts token j+1."""
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    mask = torch.zeros((len(prompts), width - 1))
+
+def pack(prompts: list[list[int]], completions: list[list[int]], device) -> Packed:
+    ids, positions, where, targets, seq, starts = [], [], [], [], [], [0]
     for row, (p, c) in enumerate(zip(prompts, completions)):
-        ids[row, :len(p) + len(c)] = torch.tensor(p + c)
-        attention[row, :len(p) + len(c)] = 1
-        mask[row, len(p) - 1:len(p) + len(c) - 1] = 1
-    return {"ids": ids.to(device), "attention": attention.to(device), "targets": ids[:, 1:].to(device),
-            "mask": mask.to(device)}
+        offset = starts[-1]
+        ids += p + c
+        positions += range(len(p) + len(c))
+        where += range(offset + len(p) - 1, offset + len(p) + len(c) - 1)  # position j predicts token j+1
+        targets += c
+        seq += [row] * len(c)
+        starts.append(offset + len(p) + len(c))
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return Packed(as_long(ids)[None], as_long(positions)[None], torch.tensor(starts, dtype=torch.int32, device=device),
+                  max(b - a for a, b in zip(starts, starts[1:])), as_long(where), as_long(targets), as_long(seq),
+                  as_long([len(c) for c in completions]))
 
 
-def place(values: list[list[float]], prompts: list[list[int]], width: int, device) -> torch.Tensor:
-    """Per-completion-token values (e.g. sampler logprobs) at the mask positions of `pack`: [B, width]."""
-    out = torch.zeros((len(values), width))
-    for row, (v, p) in enumerate(zip(values, prompts)):
-        out[row, len(p) - 1:len(p) - 1 + len(v)] = torch.tensor(v, dtype=torch.float32)
-    return out.to(device)
+def micro_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Split row indices (kept in order) into micro-batches of at most max_rows rows and, when max_tokens > 0,
+    at most max_tokens tokens (a longer single row gets a micro-batch of its own)."""
+    batches, current, tokens = [], [], 0
+    for index, length in enumerate(lengths):
+        if current and (len(current) == max_rows or (max_tokens and tokens + length > max_tokens)):
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(index)
+        tokens += length
+    return batches + ([current] if current else [])
 
 
-def sequence_logprobs(model, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
-    """Logprob of every completion target under softmax(logits / T): [B, L-1] float32, zero where mask is 0.
+class _ChunkedLogprobs(torch.autograd.Function):
+    """logprob of targets under softmax(hidden @ weight.T / T), computed chunk by chunk, in forward and backward."""
 
-    The vocabulary projection runs on completion positions only: prompts (few-shot exemplars) are most of
-    each row, and [B, L, V] logits would be most of the memory and a fifth of the FLOPs for nothing."""
-    hidden = model.get_decoder()(input_ids=batch["ids"], attention_mask=batch["attention"]).last_hidden_state
-    where = batch["mask"].bool()
-    logits = model.get_output_embeddings()(hidden[:, :-1][where])  # [N, V], N = completion tokens
-    picked = token_logprobs(logits.unsqueeze(0), batch["targets"][where].unsqueeze(0), temperature)[0]
-    return torch.zeros(where.shape, device=picked.device, dtype=picked.dtype).masked_scatter(where, picked)
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, compute_dtype):
+        chunk = max(64, CHUNK_ELEMENTS // weight.shape[0])
+        w = weight.to(compute_dtype)
+        out = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+        lse = torch.empty_like(out)
+        for k in range(0, hidden.shape[0], chunk):
+            logits = (hidden[k:k + chunk].to(compute_dtype) @ w.T).float() / temperature
+            lse[k:k + chunk] = torch.logsumexp(logits, -1)
+            out[k:k + chunk] = logits.gather(-1, targets[k:k + chunk, None])[:, 0] - lse[k:k + chunk]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.temperature, ctx.compute_dtype, ctx.chunk = temperature, compute_dtype, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        w = weight.to(ctx.compute_dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for k in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[k:k + ctx.chunk].to(ctx.compute_dtype)
+            logits = (h @ w.T).float() / ctx.temperature
+            g = grad_out[k:k + ctx.chunk, None]
+            # d logp / d logits = onehot(target) - softmax, times 1/T
+            d_logits = -torch.exp(logits - lse[k:k + ctx.chunk, None]) * g
+            d_logits.scatter_add_(-1, targets[k:k + ctx.chunk, None], g)
+            d_logits = (d_logits / ctx.temperature).to(ctx.compute_dtype)
+            if grad_hidden is not None:
+                grad_hidden[k:k + ctx.chunk] = (d_logits @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (d_logits.T @ h).float()
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
 
 
-def unplace(values: torch.Tensor, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
-    """Inverse of `place`: the per-completion-token values of each row as lists."""
-    rows = values.float().cpu().tolist()
-    return [row[len(p) - 1:len(p) - 1 + len(c)] for row, p, c in zip(rows, prompts, completions)]
+def chunked_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                     compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """hidden [N, D], weight [V, D] (the LM head), targets [N] -> logprob [N] float32 under softmax(logits / T)."""
+    if compute_dtype is None:
+        device = hidden.device.type
+        compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _ChunkedLogprobs.apply(hidden, weight, targets, float(temperature), compute_dtype)
+
+
+def sequence_logprobs(model, packed: Packed, temperature: float) -> torch.Tensor:
+    """Logprob of every completion token of the packed rows under softmax(logits / T): [N] float32.
+
+    With varlen attention (CUDA) the rows stay packed; elsewhere they are laid out right-padded, [B, T], since
+    a packed row would make SDPA attend over the whole batch length (quadratic in it) behind a mask."""
+    decoder = model.get_decoder()
+    if model.config._attn_implementation == VARLEN:
+        hidden = decoder(input_ids=packed.ids, position_ids=packed.positions, use_cache=False,
+                         cu_seq_lens_q=packed.cu_seqlens, cu_seq_lens_k=packed.cu_seqlens,
+                         max_length_q=packed.max_len, max_length_k=packed.max_len).last_hidden_state[0, packed.where]
+    else:
+        starts = packed.cu_seqlens.long()
+        rows = len(starts) - 1
+        ids = torch.zeros((rows, packed.max_len), dtype=torch.long, device=packed.ids.device)
+        mask = torch.zeros_like(ids)
+        for row in range(rows):
+            length = int(starts[row + 1] - starts[row])
+            ids[row, :length] = packed.ids[0, starts[row]:starts[row + 1]]
+            mask[row, :length] = 1
+        padded = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        hidden = padded[packed.seq, packed.where - starts[packed.seq]]
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None or getattr(model.config, "final_logit_softcapping", None):
+        from grpo.loss import token_logprobs  # heads our chunked kernel does not model
+
+        return token_logprobs(head(hidden), packed.targets, temperature)
+    return chunked_logprobs(hidden, head.weight, packed.targets, temperature)
+
+
+def split_by_row(values: torch.Tensor, packed: Packed) -> list[list[float]]:
+    """Per-token values [N] back into one list per row."""
+    return [chunk.tolist() for chunk in values.float().cpu().split(packed.seq_tokens.tolist())]
+
+
+def autocast(device: str):
+    """bf16 autocast where the trainer uses it (GPU, and CPUs with bf16 units); float32 elsewhere. The trainer and
+    the reference model run under the same context with float32 weights, so KL starts at exactly 0."""
+    from grpo.model import cpu_has_fast_bf16
+
+    if device == "cuda" or (device == "cpu" and cpu_has_fast_bf16()):
+        return torch.autocast(device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()
-def score_completions(model, prompts, completions, pad_id: int, temperature: float, batch_size: int = 16,
-                      show_progress: bool = False, fast: bool = False) -> list[list[float]]:
-    """Per-token logprobs of each completion, batched, no grad (reference model, parity checks).
-
-    fast: bf16 autocast where the trainer uses it too, so that KL starts at ~0 rather than at the
-    float32-vs-bf16 rounding gap."""
-    import contextlib
-
-    from tqdm.auto import tqdm
-
-    from grpo.model import autocast
-
+def score_completions(model, prompts, completions, temperature: float, max_tokens: int = 16384,
+                      progress=None) -> list[list[float]]:
+    """Per-token logprobs of each completion (reference model, parity checks), in packed micro-batches of at most
+    max_tokens tokens, under the trainer's precision path. progress(done_rows) is called after each batch."""
+    device = next(model.parameters()).device
     out: list[list[float]] = []
-    for k in tqdm(range(0, len(prompts), batch_size), desc="score", leave=False, disable=not show_progress):
-        p, c = prompts[k:k + batch_size], completions[k:k + batch_size]
-        batch = pack(p, c, pad_id, model.device)
-        with autocast(model.device.type) if fast else contextlib.nullcontext():
-            out += unplace(sequence_logprobs(model, batch, temperature), p, c)
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    for batch in micro_batches(lengths, len(lengths), max_tokens):
+        packed = pack([prompts[i] for i in batch], [completions[i] for i in batch], device)
+        with autocast(device.type):
+            out += split_by_row(sequence_logprobs(model, packed, temperature), packed)
+        if progress:
+            progress(len(batch))
     return out
+
+
+def use_varlen_attention(model) -> bool:
+    """On CUDA, switch the model to flash-attention over packed rows (torch's varlen kernel). Elsewhere the
+    model keeps SDPA, which transformers masks per row from the restarting position ids."""
+    if next(model.parameters()).device.type != "cuda":
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    native_gqa = "enable_gqa" in params
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        # [1, H, L, D] -> [L, H, D]; rows are delimited by cu_seq_lens
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+        extra = dict(causal)
+        if q.shape[1] != k.shape[1]:
+            if native_gqa:
+                extra["enable_gqa"] = True
+            else:
+                k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+        out = varlen_attn(q, k, v, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["max_length_q"],
+                          kwargs["max_length_k"], scale=scaling, **extra)
+        return out[None], None
+
+    AttentionInterface.register(VARLEN, attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, flash_attention_mask)
+    model.set_attn_implementation(VARLEN)
+    return True

@@ -1,15 +1,31 @@
 """Optuna sweep: each trial runs the main chain as a nested MLflow run of the sweep run.
 
-The search space comes from the `search=` metadata of the Config fields; the study lives in an RDB
-storage so that more workers can join it and a killed sweep can be resumed."""
+The search space comes from the `search=` metadata of the config fields; the study lives in an RDB storage so
+that more workers can join it and a killed sweep can be resumed. Trials are tuned on the held-out validation
+split (objective `val_accuracy` by default) over evaluations after step 0, the one every trial shares; test
+accuracy is logged beside it and never used to choose."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+from grpo.errors import ConfigError, TrackingError
 
-def storage_url(cfg) -> str:
-    """cfg.storage, or an SQLite file next to the MLflow store (its working directory)."""
-    return cfg.storage or f"sqlite:///{Path('optuna.db').resolve()}"
+
+def storage_url(sweep) -> str:
+    """sweep.storage, or an SQLite file next to the MLflow store (its working directory)."""
+    return sweep.storage or f"sqlite:///{Path('optuna.db').resolve()}"
+
+
+def check_objective(cfg) -> None:
+    """The objective must be a main-run metric logged per step; validation ones need a validation split."""
+    from grpo.pipeline import MAIN_METRICS
+
+    objective = cfg.sweep.objective
+    if objective not in MAIN_METRICS:
+        raise ConfigError(f"objective {objective!r} is not a main-run metric; pick one of {', '.join(MAIN_METRICS)}")
+    if objective.startswith("val_") and not cfg.evaluation.val_limit:
+        raise ConfigError(f"objective {objective} needs validation problems: pass val_limit > 0")
 
 
 def suggest(trial, cfg):
@@ -18,17 +34,38 @@ def suggest(trial, cfg):
 
     space = search_space()
     chosen = {}
-    for name in filter(None, cfg.search.split(",")):
+    for name in filter(None, cfg.sweep.search.split(",")):
         kind, low, high, options = space[name]
         chosen[name] = (trial.suggest_int if kind == "int" else trial.suggest_float)(name, low, high, **options)
-    return cfg.replace(**chosen, seed=cfg.seed * 1000 + trial.number)  # trial seeds follow the study seed
+    return cfg.replace(**chosen, seed=cfg.loop.seed * 1000 + trial.number)  # trial seeds follow the study seed
+
+
+def trial_sampler(seed: int):
+    """TPE seeded per trial from (study seed, trial number): a single worker is reproducible, while workers
+    sharing a study (distinct trial numbers) and a resumed study draw distinct trials."""
+    import optuna
+
+    class TrialSeeded(optuna.samplers.BaseSampler):
+        def _inner(self, trial):
+            return optuna.samplers.TPESampler(seed=seed * 1_000_003 + trial.number)
+
+        def infer_relative_search_space(self, study, trial):
+            return {}  # independent sampling, as TPE's default
+
+        def sample_relative(self, study, trial, search_space):
+            return {}
+
+        def sample_independent(self, study, trial, name, distribution):
+            return self._inner(trial).sample_independent(study, trial, name, distribution)
+
+    return TrialSeeded()
 
 
 def make_pruner(name: str):
     import optuna
 
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=1)
+        return optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
     if name == "halving":
         return optuna.pruners.SuccessiveHalvingPruner()
     return optuna.pruners.NopPruner()
@@ -38,90 +75,130 @@ def open_study(cfg, pruner=None):
     import optuna
     from optuna.storages import RDBStorage
 
-    # SQLite under several workers: wait for the write lock instead of failing with "database is locked"
-    storage = RDBStorage(storage_url(cfg), engine_kwargs={"connect_args": {"timeout": 60}}
-                         if storage_url(cfg).startswith("sqlite") else {})
-    return optuna.create_study(study_name=cfg.study_name, storage=storage, load_if_exists=True,
-                               direction=cfg.direction, sampler=optuna.samplers.TPESampler(seed=cfg.seed),
-                               pruner=pruner or make_pruner(cfg.pruner))
+    from grpo.tracking import redact
+
+    url = storage_url(cfg.sweep)
+    try:  # SQLite under several workers: wait for the write lock instead of failing with "database is locked"
+        storage = RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {})
+        return optuna.create_study(study_name=cfg.sweep.study_name, storage=storage, load_if_exists=True,
+                                   direction=cfg.sweep.direction, sampler=trial_sampler(cfg.loop.seed),
+                                   pruner=pruner or make_pruner(cfg.sweep.pruner))
+    except (ImportError, ModuleNotFoundError) as e:
+        raise TrackingError(f"the driver for Optuna storage {redact(url)} is not installed ({e}); run: "
+                            "pip install -e '.[postgres]'") from None
+    except Exception as e:
+        if isinstance(e, ValueError) and "direction" in str(e):
+            raise ConfigError(f"study {cfg.sweep.study_name} exists with another direction; pass its direction "
+                              "or another study_name") from None
+        raise TrackingError(f"cannot open Optuna storage {redact(url)} ({type(e).__name__}: "
+                            f"{redact(str(e).splitlines()[0][:150])})") from None
 
 
-def run_sweep(cfg, pruner=None) -> "optuna.Study":  # noqa: F821
-    """Run cfg.n_trials trials of this worker (pruner: an optuna pruner overriding cfg.pruner)."""
-    import mlflow
+def run_sweep(cfg, pruner=None):
+    """Run cfg.sweep.n_trials trials of this worker (pruner: an optuna pruner overriding cfg.sweep.pruner)."""
     import optuna
-    from optuna_integration.mlflow import MLflowCallback
 
     from grpo import tracking
-    from grpo.pipeline import run_main
+    from grpo.plots import log_sweep_overlay
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    check_objective(cfg)
     study = open_study(cfg, pruner)
-    callback = MLflowCallback(metric_name=f"best_{cfg.objective}", create_experiment=False,
-                              mlflow_kwargs={"nested": True}, tag_trial_user_attrs=True)
-
-    @callback.track_in_mlflow()
-    def objective(trial: optuna.Trial) -> float:
-        trial_cfg = suggest(trial, cfg)
-        mlflow.set_tags({"grpo.stage": "trial", "optuna.study": cfg.study_name, "optuna.trial": trial.number})
-        tracking.log_params(trial_cfg.as_params("main"))
-        best: list[float] = []
-
-        def report(step: int, value: float) -> None:
-            best.append(value)
-            trial.report(value, step)
-            if step > 0 and trial.should_prune():
-                mlflow.set_tag("optuna.state", "PRUNED")
-                raise optuna.TrialPruned(f"pruned at step {step} with {cfg.objective}={value:.3f}")
-
-        run_main(trial_cfg, on_eval=report if cfg.objective == "test_accuracy" else None)
-        if cfg.objective != "test_accuracy":
-            history = mlflow.MlflowClient().get_metric_history(mlflow.active_run().info.run_id, cfg.objective)
-            best = [m.value for m in history]
-        if not best:
-            raise ValueError(f"objective metric {cfg.objective!r} was never logged by the trial")
-        mlflow.set_tag("optuna.state", "COMPLETE")
-        return max(best) if cfg.direction == "maximize" else min(best)
-
-    with tracking.stage_run("sweep", cfg.as_params("sweep"), run_name=f"sweep-{cfg.study_name}",
-                            tags={"optuna.study": cfg.study_name, "optuna.storage": storage_url(cfg)}):
-        study.optimize(objective, n_trials=cfg.n_trials, callbacks=[callback, _mark_pruned], catch=(RuntimeError,),
-                       gc_after_trial=True)
-        _log_summary(study)
+    params = cfg.as_params("sweep") | {"storage": tracking.redact(storage_url(cfg.sweep))}
+    with tracking.stage_run("sweep", params, run_name=f"sweep-{cfg.sweep.study_name}",
+                            tags={"optuna.study": cfg.sweep.study_name}) as sweep_run:
+        for _ in range(cfg.sweep.n_trials):
+            _run_trial(study, cfg, sweep_run.info.experiment_id)
+        _log_summary(study, cfg)
+        log_sweep_overlay(sweep_run.info.run_id)
     return study
 
 
-def _mark_pruned(study, trial) -> None:
-    """MLflowCallback leaves a pruned trial's run FINISHED (tag state=PRUNED); show it as KILLED too."""
+def _run_trial(study, cfg, experiment_id: str) -> None:
     import mlflow
     import optuna
-    from optuna_integration.mlflow.mlflow import RUN_ID_ATTRIBUTE_KEY
 
-    run_id = trial.system_attrs.get(RUN_ID_ATTRIBUTE_KEY)
-    if run_id and trial.state == optuna.trial.TrialState.PRUNED:
-        mlflow.MlflowClient().set_terminated(run_id, "KILLED")
+    from grpo import tracking
+    from grpo.errors import GrpoError
+    from grpo.pipeline import run_main
+
+    trial = study.ask()
+    trial_cfg = suggest(trial, cfg)
+    objective, maximize = cfg.sweep.objective, cfg.sweep.direction == "maximize"
+    seen: dict[int, float] = {}
+
+    def report(step: int, metrics: dict) -> None:
+        if objective in metrics and step > 0:  # step 0 is the untrained model, the same for every trial
+            seen[step] = metrics[objective]
+            trial.report(metrics[objective], step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"{objective}={metrics[objective]:.3f} at step {step}")
+
+    tags = {"grpo.stage": "trial", "optuna.study": cfg.sweep.study_name, "optuna.trial": str(trial.number)}
+    run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True, experiment_id=experiment_id, tags=tags)
+    status = "FAILED"
+    try:
+        tracking.log_params(trial_cfg.as_params("main"))
+        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        run_main(trial_cfg, on_logged=report)
+        if not seen:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise ConfigError(f"objective {objective} was never logged after step 0 (one iteration with "
+                              "test_every_n_iterations=0?)")
+        value = max(seen.values()) if maximize else min(seen.values())
+        mlflow.log_metric(f"best_{objective}", value)
+        mlflow.set_tag("optuna.state", "COMPLETE")
+        study.tell(trial, value)
+        status = "FINISHED"
+        _say(f"trial {trial.number}: best {objective} {value:.3f} with " +
+             ", ".join(f"{k}={v:.3g}" for k, v in trial.params.items()))
+    except optuna.TrialPruned as pruned:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        mlflow.set_tag("optuna.state", "PRUNED")
+        status = "KILLED"
+        _say(f"trial {trial.number} pruned: {pruned}")
+    except GrpoError as e:
+        if isinstance(e, ConfigError):
+            raise
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        mlflow.set_tag("optuna.state", "FAIL")
+        _say(f"trial {trial.number} failed: {tracking.redact(e)}")
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if mlflow.active_run() and mlflow.active_run().info.run_id == run.info.run_id:
+            mlflow.end_run(status)
 
 
-def _log_summary(study) -> None:
+def _say(line: str) -> None:
+    print(f"grpo sweep: {line}", file=sys.stderr)
+
+
+def _log_summary(study, cfg) -> None:
     """Best trial and Optuna's plots on the sweep run (plots need 2+ finished trials)."""
     import mlflow
     import optuna
+
+    from grpo.plots import _pyplot
 
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     mlflow.log_metrics({"trials_complete": len(done), "trials_total": len(study.trials),
                         "trials_pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)})
     if not done:
+        _say("no trial completed")
         return
+    best = study.best_trial
     mlflow.log_metric("best_value", study.best_value)
-    mlflow.log_dict({"best_params": study.best_params, "best_trial": study.best_trial.number}, "best.json")
+    mlflow.log_dict({"objective": cfg.sweep.objective, "best_value": study.best_value, "best_params": best.params,
+                     "best_trial": best.number, "best_run_id": best.user_attrs.get("mlflow_run_id")}, "best.json")
+    _say(f"best {cfg.sweep.objective} {study.best_value:.3f} (trial {best.number}, run "
+         f"{best.user_attrs.get('mlflow_run_id')}): " + ", ".join(f"{k}={v:.3g}" for k, v in best.params.items()))
     plots = {"optimization_history": optuna.visualization.matplotlib.plot_optimization_history,
              "parallel_coordinate": optuna.visualization.matplotlib.plot_parallel_coordinate}
     if len(done) >= 2:
         plots["param_importances"] = optuna.visualization.matplotlib.plot_param_importances
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     for name, plot in plots.items():
         try:
             axes = plot(study)

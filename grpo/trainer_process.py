@@ -1,74 +1,195 @@
-"""The finetune stage's own process, started once per main run and kept for all its iterations: the policy and
+"""The trainer in its own process, started once per main run and kept for all its iterations: the policy and
 its AdamW state stay in memory, so an iteration pays neither process start nor model and optimiser loads.
-Every stage still ends with a complete checkpoint on disk, which the sampler serves and resume starts from.
 
-Protocol: one JSON request per line on the worker's stdin ({"config": ..., "run_id": ...}), one JSON reply
-per line on its original stdout; everything the libraries print goes to stderr."""
+Protocol: one JSON request per line on the worker's stdin, JSON replies on its original stdout (everything the
+libraries print goes to stderr). A `train` request streams one line per optimiser step before its summary, so
+main shows progress and knows the trainer is alive: no line for `timeout` seconds and main stops it.
+Weights leave the worker in memory: CUDA IPC handles of one flat buffer on a GPU, a file in /dev/shm (RAM)
+on a CPU. The worker never touches MLflow: main logs what it reports."""
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
+import pickle
+import queue
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
+
+from grpo.errors import GrpoError, TrainerError
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class TrainerProcessError(RuntimeError):
-    """The trainer process refused a request or died; the message is one line."""
+class TrainerClient:
+    """Parent side. `train` yields the worker's step lines and returns its summary; `weights` yields (name,
+    tensor) of the trained policy; `save` asks for a background checkpoint."""
 
+    def __init__(self, timeout: float):
+        self.timeout, self.process, self.lines = timeout, None, None
+        self._cuda_buffer = None  # (handle, tensor) of the worker's shared weights buffer
 
-class TrainerProcess:
-    """Parent side: `train(cfg, run_id)` runs one finetune stage (cfg.annotated -> cfg.output) in the worker,
-    logging into the MLflow run `run_id`, and returns its summary metrics."""
-
-    def __init__(self) -> None:
-        self.process: subprocess.Popen | None = None
-
-    def _start(self) -> subprocess.Popen:
-        import mlflow
-
-        env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "GRPO_PARENT_PID": str(os.getpid()),
+    def start(self, model: str, optim, device: str, checkpoint: str, memory_fraction: float = 0.0,
+              probe=None) -> dict:
+        self.close(kill=True)
+        env = {**os.environ, "GRPO_PARENT_PID": str(os.getpid()),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        env.pop("MLFLOW_RUN_ID", None)  # the worker opens each stage's run by id
-        return subprocess.Popen([sys.executable, "-m", "grpo.trainer_process"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True, env=env)
+        self.process = subprocess.Popen([sys.executable, "-m", "grpo.trainer_process"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env=env)
+        self.lines = queue.Queue()
+        threading.Thread(target=_pump, args=(self.process.stdout, self.lines), daemon=True).start()
+        self._send({"op": "init", "model": model, "optim": dataclasses.asdict(optim), "device": device,
+                          "checkpoint": checkpoint, "memory_fraction": memory_fraction,
+                    "probe": dataclasses.asdict(probe) if probe else None}, "loading the policy")
+        return self._read("loading the policy", timeout=max(self.timeout, 300))  # imports and a model load
 
-    def train(self, cfg, run_id: str) -> dict:
-        if self.process is None or self.process.poll() is not None:
-            self.process = self._start()
-        request = {"config": dataclasses.asdict(cfg), "run_id": run_id}
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _send(self, request: dict, what: str) -> None:
         try:
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
-            line = self.process.stdout.readline()
-        except BrokenPipeError:
-            line = ""
-        if not line:
-            code = self.process.wait()
-            raise TrainerProcessError(f"finetune of iteration {cfg.iteration}: the trainer process died "
-                                      f"(exit code {code}); its traceback is above")
+        except (BrokenPipeError, OSError):
+            self._died(what)
+
+    def _read(self, what: str, timeout: float | None = None) -> dict:
+        timeout = timeout or self.timeout
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            self.close(kill=True)
+            raise TrainerError(f"{what}: no word from the trainer process for {timeout:g} s, so it was "
+                               "stopped (raise trainer_timeout if that is normal here); the run can be resumed") \
+                from None
+        if line is None:
+            self._died(what)
         reply = json.loads(line)
         if "error" in reply:
-            raise TrainerProcessError(f"finetune of iteration {cfg.iteration} failed: {reply['error']}")
-        return reply["summary"]
+            raise TrainerError(f"{what} failed: {reply['error']}")
+        return reply
+
+    def _died(self, what: str):
+        code = self.process.wait()
+        self.process = None
+        raise TrainerError(f"{what}: the trainer process died (exit code {code}); its traceback is above")
+
+    def _ask(self, request: dict, what: str) -> dict:
+        self._send(request, what)
+        return self._read(what)
+
+    def train(self, annotated: Path, iteration: int, seed: int, total_steps: int):
+        """Generator: yields {"step", "metrics"} per optimiser step; its return value is the summary."""
+        what = f"finetune of iteration {iteration}"
+        self._send({"op": "train", "annotated": str(annotated), "iteration": iteration, "seed": seed,
+                    "total_steps": total_steps}, what)
+        while True:
+            reply = self._read(what)
+            if "summary" in reply:
+                return reply["summary"]
+            yield reply
+
+    def probe(self) -> list[float]:
+        """The trainer's logprobs of the probe sequence under its current weights."""
+        return self._ask({"op": "probe"}, "scoring the probe")["probe"]
+
+    def weights(self):
+        """Iterator of (name, tensor) of the worker's current policy, in memory."""
+        return _receive(self._ask({"op": "weights"}, "handing the new weights over")["weights"], self)
+
+    def save(self, path: Path) -> None:
+        self._ask({"op": "save", "path": str(path)}, "checkpoint")
+
+    def wait_saved(self) -> None:
+        self._ask({"op": "wait_saved"}, "finishing the last checkpoint")
 
     def close(self, kill: bool = False) -> None:
-        """End the worker: politely after the last request, at once when the run is failing (its partial
-        checkpoint is a temp folder that resume deletes)."""
-        if self.process and self.process.poll() is None:
+        """End the worker: politely (it finishes a checkpoint being written), at once when the run is failing
+        (a partial checkpoint is a temp folder that resume deletes)."""
+        if self.alive:
             if kill:
                 self.process.kill()
             else:
-                self.process.stdin.close()  # end of requests: the worker exits
+                self.process.stdin.close()
             try:
-                self.process.wait(timeout=60)
+                self.process.wait(timeout=None if not kill else 60)
             except subprocess.TimeoutExpired:
                 self.process.kill()
         self.process = None
+        self._cuda_buffer = None
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)  # end of stream: the worker exited
+
+
+def _receive(descriptor: dict, client: TrainerClient):
+    """Iterator of (name, tensor) views of the weights the worker exported."""
+    if descriptor["kind"] == "file":
+        from safetensors.torch import load_file
+
+        yield from load_file(descriptor["path"]).items()
+        return
+    handle = descriptor["handle"]
+    if client._cuda_buffer is None or client._cuda_buffer[0] != handle:
+        rebuild, args = pickle.loads(base64.b64decode(handle))
+        client._cuda_buffer = (handle, rebuild(*args))
+    buffer = client._cuda_buffer[1]
+    for name, offset, shape in descriptor["layout"]:
+        count = 1
+        for size in shape:
+            count *= size
+        yield name, buffer[offset:offset + count].view(shape)
+
+
+class _Exporter:
+    """Worker side of the in-memory hand-over: one flat buffer shared by CUDA IPC (exported once, refreshed in
+    place), or a safetensors file in /dev/shm on a CPU."""
+
+    def __init__(self, device: str):
+        self.device, self.buffer, self.handle, self.layout = device, None, None, []
+        shm = Path("/dev/shm")
+        self.folder = Path(tempfile.mkdtemp(prefix="grpo-weights-", dir=shm if shm.is_dir() else None))
+
+    def export(self, trainer) -> dict:
+        import torch
+
+        if self.device != "cuda":
+            from safetensors.torch import save_file
+
+            tensors = {name: t.detach().contiguous() for name, t in trainer.named_weights()}
+            path = self.folder / "weights.safetensors"
+            save_file(tensors, str(path.with_suffix(".tmp")))
+            os.replace(path.with_suffix(".tmp"), path)
+            return {"kind": "file", "path": str(path)}
+        params = list(trainer.named_weights())
+        if self.buffer is None:
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            total, offset = sum(p.numel() for _, p in params), 0
+            self.buffer = torch.empty(total, dtype=torch.bfloat16, device="cuda")
+            for name, p in params:
+                self.layout.append((name, offset, list(p.shape)))
+                offset += p.numel()
+            self.handle = base64.b64encode(pickle.dumps(reduce_tensor(self.buffer))).decode()
+        with torch.no_grad():
+            for (name, offset, _), (_, p) in zip(self.layout, params):
+                self.buffer[offset:offset + p.numel()].copy_(p.reshape(-1))
+        torch.cuda.synchronize()
+        return {"kind": "cuda_ipc", "handle": self.handle, "layout": self.layout}
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _die_with_parent() -> None:
@@ -82,37 +203,65 @@ def _die_with_parent() -> None:
 
 
 def serve() -> None:
-    """Worker side: answer requests until stdin closes. A fixable error (NaN, bad data) is replied and the
-    in-memory state dropped, so the next request reloads the last complete checkpoint."""
+    """Worker side: answer requests until stdin closes. A fixable error (NaN, bad data) is replied; the next
+    `init` starts from the last complete checkpoint."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is main's to handle: it stops this process itself
-    import mlflow
-
-    from grpo.config import Config
-    from grpo.data import DataError
-    from grpo.finetune import NumericsError, Trainer, train_logged
-    from grpo.model import ModelError, pick_device
-    from grpo.stages import read_jsonl
-    from grpo.tracking import log_params
-
     _die_with_parent()
+    from grpo.cli import quiet
+
+    quiet(tracking=False)
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # prints from libraries must not corrupt the replies
-    trainer = None
+    trainer, exporter, probe = None, None, None
+    reply = lambda payload: replies.write(json.dumps(payload) + "\n")  # noqa: E731
     for line in sys.stdin:
         request = json.loads(line)
-        cfg = Config(**request["config"])
         try:
-            with mlflow.start_run(run_id=request["run_id"]):
-                log_params(cfg.as_params("finetune"))
-                mlflow.set_tag("grpo.trainer_pid", str(os.getpid()))  # one process serves every iteration
-                if trainer is None or trainer.checkpoint != cfg.checkpoint:
-                    trainer = Trainer(cfg, cfg.checkpoint, pick_device(cfg.device))
-                summary = train_logged(trainer, cfg, read_jsonl(Path(cfg.annotated)), Path(cfg.output))
-            reply = {"summary": summary}
-        except (NumericsError, DataError, ModelError) as e:
-            trainer = None
-            reply = {"error": str(e)}
-        replies.write(json.dumps(reply) + "\n")
+            op = request["op"]
+            if op == "init":
+                trainer, exporter, probe = _init(request)
+                reply({"ready": {"global_step": trainer.step, "iteration": trainer.iteration}})
+            elif op == "train":
+                from grpo.artifacts import read_jsonl
+
+                if os.environ.get("GRPO_FAILPOINT") == "trainer-hang":  # tests: a trainer that stops answering
+                    threading.Event().wait()
+                from grpo.trainer import drain
+
+                rows = read_jsonl(Path(request["annotated"]))
+                summary = drain(trainer.train(rows, request["iteration"], request["seed"], request["total_steps"]),
+                                reply)
+                reply({"summary": summary})
+            elif op == "probe":
+                reply({"probe": trainer.probe_logprobs(probe)})
+            elif op == "weights":
+                reply({"weights": exporter.export(trainer)})
+            elif op == "save":
+                trainer.save(Path(request["path"]))
+                reply({"saving": request["path"]})
+            elif op == "wait_saved":
+                trainer.wait_saved()
+                reply({"saved": True})
+        except GrpoError as e:
+            reply({"error": str(e)})
+    if trainer is not None:
+        trainer.wait_saved()
+    if exporter is not None:
+        exporter.close()
+
+
+def _init(request: dict):
+    import torch
+
+    from grpo.config import Optim
+    from grpo.engines.base import Probe
+    from grpo.trainer import Trainer
+
+    if request["device"] == "cuda" and request["memory_fraction"]:
+        torch.cuda.set_per_process_memory_fraction(request["memory_fraction"])
+    trainer = Trainer(request["model"], Optim(**request["optim"]), request["device"], request["checkpoint"])
+    probe = Probe(**request["probe"]) if request["probe"] else None
+    return trainer, _Exporter(request["device"]), probe
 
 
 if __name__ == "__main__":

@@ -1,64 +1,108 @@
-"""Bad input gets one clear line and a non-zero exit; numerical blow-ups keep the last good checkpoint."""
-import math
+"""Bad input gets one clear line naming the fix, a non-zero exit, and it comes at once: before any work, and
+in seconds where a server or hub does not answer (short timeouts set here, the defaults are 10 s)."""
+import json
+import socket
+import time
 
 import pytest
-import torch
-from conftest import run_entry
+from conftest import last_line, run_entry
 
-from grpo.config import Config
-from grpo.finetune import NumericsError, finetune
+from grpo.tracking import redact
 
-
-def _last_line(done):
-    return done.stderr.strip().splitlines()[-1]
+FAST = {"GRPO_STORE_TIMEOUT": "2", "GRPO_HUB_TIMEOUT": "2"}
 
 
-def test_unknown_model_offline_is_one_line(store):
-    done = run_entry("evaluate", "--model", "no-such-org/no-such-model", "--limit", "1", check=False,
-                     env={"HF_HUB_OFFLINE": "1"})
-    assert done.returncode != 0
-    assert "cannot load model 'no-such-org/no-such-model'" in _last_line(done) and "offline?" in _last_line(done)
+def _fails_fast(stage, *args, env=None, seconds=60):
+    started = time.monotonic()
+    done = run_entry(stage, *args, env={**FAST, **(env or {})}, check=False)
+    took = time.monotonic() - started
+    assert done.returncode != 0, done.stderr[-2000:]
+    assert took < seconds, f"took {took:.0f} s"
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return last_line(done)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+def test_unknown_hub_model_offline_is_one_line(store):
+    line = _fails_fast("evaluate", "--model", "no-such-org/no-such-model", "--limit", "1",
+                       env={"HF_HUB_OFFLINE": "1"})
+    assert "model 'no-such-org/no-such-model' is not in the local cache and HF_HUB_OFFLINE is set" in line
+
+
+def test_unreachable_hub_is_one_line_in_seconds(store):
+    line = _fails_fast("evaluate", "--model", "no-such-org/no-such-model", "--limit", "1", seconds=45,
+                       env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"})
+    assert "cannot reach the Hugging Face hub for model 'no-such-org/no-such-model'" in line and "offline?" in line
+
+
+def test_missing_local_model_folder_is_one_line(store, tmp_path):
+    line = _fails_fast("evaluate", "--model", str(tmp_path / "models" / "mine"), "--limit", "1")
+    assert f"model folder {tmp_path / 'models' / 'mine'} does not exist" in line
 
 
 def test_missing_dataset_folder_is_one_line(store, tmp_path):
-    done = run_entry("evaluate", "--dataset", str(tmp_path / "nowhere"), "--limit", "1", check=False)
-    assert done.returncode != 0 and "nowhere/" in _last_line(done) and ".jsonl not found" in _last_line(done)
+    line = _fails_fast("evaluate", "--dataset", str(tmp_path / "nowhere"), "--limit", "1")
+    assert "nowhere/" in line and ".jsonl not found" in line
+
+
+def test_empty_test_set_is_one_line(store, tmp_path, tiny_model_dir):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n" * 1)
+    (tmp_path / "data" / "test.jsonl").write_text("")
+    line = _fails_fast("main", "--model", tiny_model_dir, "--dataset", str(tmp_path / "data"), "--backend", "hf")
+    assert "train has 1 problems; it needs more than 508" in line
 
 
 @pytest.mark.parametrize("backend", ["hf", "auto"])  # auto = vLLM where installed
 def test_checkpoint_of_another_model_is_one_line(store, tiny_model_dir, backend):
-    done = run_entry("evaluate", "--checkpoint", tiny_model_dir, "--limit", "1", "--backend", backend, check=False)
-    assert done.returncode != 0
-    assert f"checkpoint {tiny_model_dir} does not fit model smollm2-135m" in _last_line(done)
+    line = _fails_fast("evaluate", "--checkpoint", tiny_model_dir, "--limit", "1", "--backend", backend)
+    assert f"checkpoint {tiny_model_dir} does not fit model smollm2-135m" in line
 
 
 def test_missing_gguf_override_is_one_line(store, tmp_path):
-    done = run_entry("evaluate", "--limit", "1", check=False,
-                     env={"GRPO_SMOLLM2_GGUF": str(tmp_path / "no.gguf"), "GRPO_CACHE": str(tmp_path / "cache")})
-    assert done.returncode != 0 and _last_line(done).endswith("is not a file; point it at "
-                                                              "SmolLM2-135M-Instruct.Q4_1.gguf or unset it")
+    line = _fails_fast("evaluate", "--limit", "1",
+                       env={"GRPO_SMOLLM2_GGUF": str(tmp_path / "no.gguf"), "GRPO_CACHE": str(tmp_path / "cache")})
+    assert line.endswith("is not a file; point it at SmolLM2-135M-Instruct.Q4_1.gguf or unset it")
 
 
-def test_unwritable_tracking_store_is_one_line(tmp_path):
-    blocked = tmp_path / "file"
-    blocked.write_text("not a folder")
-    done = run_entry("evaluate", "--limit", "1", check=False,
-                     env={"MLFLOW_TRACKING_URI": f"sqlite:///{blocked}/sub/mlflow.db"})
-    assert done.returncode != 0 and "set MLFLOW_TRACKING_URI to a writable store" in _last_line(done)
+def test_prompt_past_the_models_context_is_refused_before_any_work(store, tiny_model_dir):
+    line = _fails_fast("main", "--model", tiny_model_dir, "--backend", "hf", "--system_prompt", "Think. " * 1500)
+    assert "past the model's 2048" in line and "shorten system_prompt" in line
 
 
-def test_nan_loss_stops_and_writes_no_checkpoint(tiny_model_dir, tokenizer, tmp_path):
-    prompt = tokenizer("Q: 1+1?", add_special_tokens=False)["input_ids"]
-    completion = tokenizer(" \\boxed{2}", add_special_tokens=False)["input_ids"]
-    row = dict(prompt_ids=prompt, completion_ids=completion, logprobs=[-1.0] * len(completion),
-               ref_logprobs=[-1.0] * len(completion), advantage=math.nan)
-    cfg = Config(model=tiny_model_dir, train_batch_size=1, gradient_accumulation_passes=1).validate()
-    with pytest.raises(NumericsError, match="last good checkpoint"):
-        finetune(cfg, [row], "", tmp_path / "ckpt", "cpu", show_progress=False)
-    assert not (tmp_path / "ckpt").exists()
+@pytest.mark.parametrize("uri, expected", [
+    ("sqlite:///{tmp}/file/sub/mlflow.db", "cannot write the MLflow store"),
+    ("http://127.0.0.1:{port}", "cannot reach the MLflow server at http://127.0.0.1:"),
+    ("postgresql://grpo:hunter2@127.0.0.1:{port}/mlflow", "cannot connect to the MLflow store "
+                                                          "postgresql://grpo:***@127.0.0.1:"),
+    ("postgresql+pg8000://grpo:hunter2@127.0.0.1:{port}/mlflow", "pip install -e '.[postgres]'"),
+])
+def test_unusable_tracking_store_is_one_line_in_seconds(tmp_path, uri, expected):
+    (tmp_path / "file").write_text("not a folder")
+    uri = uri.format(tmp=tmp_path, port=_closed_port())
+    line = _fails_fast("evaluate", "--limit", "1", env={"MLFLOW_TRACKING_URI": uri}, seconds=30)
+    assert expected in line and "hunter2" not in line
 
 
-def test_flat_groups_get_zero_advantage_not_nan():
-    from grpo.loss import group_advantages
+def test_resuming_a_run_that_does_not_exist_is_one_line(store):
+    line = _fails_fast("main", env={"MLFLOW_RUN_ID": "0123456789abcdef0123456789abcdef"})
+    assert "no run 0123456789abcdef0123456789abcdef in the tracking store" in line
 
-    assert not torch.isnan(group_advantages(torch.full((3, 8), -1.0))).any()
+
+def test_sweep_objective_that_does_not_exist_is_refused_before_any_trial(store):
+    line = _fails_fast("sweep", "--objective", "accuracy", "--n_trials", "1")
+    assert "objective 'accuracy' is not a main-run metric; pick one of" in line
+    line = _fails_fast("sweep", "--val_limit", "0", "--n_trials", "1")
+    assert "objective val_accuracy needs validation problems: pass val_limit > 0" in line
+
+
+def test_credentials_never_reach_lines_or_params(store, tmp_path):
+    done = run_entry("sweep", "--storage", f"postgresql+psycopg://u:hunter2@127.0.0.1:{_closed_port()}/optuna",
+                     "--n_trials", "1", env=FAST, check=False)
+    assert done.returncode != 0 and "hunter2" not in done.stderr and "u:***@" in last_line(done)
+    assert redact("postgresql://me:pa:ss@db/x?password=abc&x=1") == "postgresql://me:***@db/x?password=***&x=1"

@@ -1,7 +1,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grpo.reward import last_boxed, parse_number, score
+from grpo.tasks.gsm8k import last_boxed, parse_number, score
 
 
 def test_hand_written_cases():

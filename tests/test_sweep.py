@@ -1,4 +1,4 @@
-"""Sweeps with real Optuna RDB storage and real MLflow on SQLite, on the tiny model."""
+"""Sweeps with real Optuna RDB storage and real MLflow on SQLite, on the tiny models."""
 import os
 import subprocess
 import sys
@@ -6,47 +6,50 @@ import sys
 import mlflow
 import optuna
 import pytest
-from conftest import ROOT
+from conftest import ROOT, runs_of
 
 from grpo.config import Config
 
 
-def _cfg(tiny_model_dir, **changes):
-    base = dict(model=tiny_model_dir, backend="hf", problems=2, max_new_tokens=6, eval_limit=2, max_iterations=1,
-                train_batch_size=4, trace_samples=0, n_trials=3, study_name="s", storage="sqlite:///optuna.db")
-    return Config(**{**base, **changes}).validate()
+def _cfg(model, dataset="bundled", **changes):
+    base = dict(model=model, dataset=dataset, backend="hf", problems=2, attempts=4, max_new_tokens=8, eval_limit=2,
+                val_limit=4, max_iterations=1, train_batch_size=4, trace_samples=0, n_trials=3, study_name="s",
+                storage="sqlite:///optuna.db")
+    return Config().replace(**{**base, **changes})
 
 
-def _trial_runs(uri):
-    client = mlflow.MlflowClient(uri)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+def _trials(uri):
+    _, runs = runs_of(uri)
     return [r for r in runs if r.data.tags.get("grpo.stage") == "trial"], runs
 
 
 @pytest.mark.slow
-def test_three_trial_sweep_nested_runs_and_study(store, tiny_model_dir):
+def test_sweep_tunes_on_validation_with_nested_runs_and_an_overlay(store, primed_model_dir, digits_dataset, capfd):
     from grpo import tracking
-    from grpo.sweep import run_sweep
+    from grpo.sweep import run_sweep, suggest
 
     tracking.setup()
-    study = run_sweep(_cfg(tiny_model_dir))
+    study = run_sweep(_cfg(primed_model_dir, digits_dataset))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
-    trials, runs = _trial_runs(store)
+    trials, runs = _trials(store)
     (sweep,) = [r for r in runs if r.data.tags.get("grpo.stage") == "sweep"]
     assert len(trials) == 3 and all(r.data.tags["mlflow.parentRunId"] == sweep.info.run_id for r in trials)
-    params = {(r.data.params["temperature"], r.data.params["attempts"], r.data.params["learning_rate"]) for r in trials}
-    assert len(params) == 3  # distinct sampled values
-    assert all(r.data.tags["state"] == "COMPLETE" and "best_test_accuracy" in r.data.metrics for r in trials)
+    client = mlflow.MlflowClient()
+    for trial, run in zip(study.trials, sorted(trials, key=lambda r: int(r.data.tags["optuna.trial"]))):
+        # the objective is the best validation accuracy after step 0; test accuracy is logged, never used
+        val = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")}
+        assert set(val) == {0, 1} and trial.value == val[1] == run.data.metrics["best_val_accuracy"]
+        assert "test_accuracy" in run.data.metrics and trial.intermediate_values == {1: val[1]}
     stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == trials[0].info.run_id]
-    assert {r.info.run_name for r in stages} >= {"evaluate-0", "rollout-0", "annotate-0", "finetune-0", "evaluate-1"}
-    assert "best_value" in sweep.data.metrics
-    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(sweep.info.run_id, "optuna")]
-    assert "optuna/optimization_history.png" in artifacts
-    # the seeds of a rerun follow the study seed: same first trial params
-    again = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
-    from grpo.sweep import suggest
-
-    assert suggest(again.ask(), _cfg(tiny_model_dir)).temperature == study.trials[0].params["temperature"]
+    assert {r.info.run_name for r in stages} == {"evaluate-0", "rollout-0", "annotate-0", "finetune-0", "evaluate-1"}
+    artifacts = [a.path for a in client.list_artifacts(sweep.info.run_id)]
+    assert {"best.json", "sweep_curves.png"} <= set(artifacts) and sweep.data.metrics["best_value"] == study.best_value
+    assert "optuna/optimization_history.png" in [a.path for a in client.list_artifacts(sweep.info.run_id, "optuna")]
+    err = capfd.readouterr().err
+    assert "grpo sweep: best val_accuracy" in err and "learning_rate=" in err
+    # a trial's draw depends on the study seed and its number only: a rerun draws the same first trial
+    again = optuna.create_study(sampler=__import__("grpo.sweep", fromlist=["trial_sampler"]).trial_sampler(0))
+    assert suggest(again.ask(), _cfg(primed_model_dir)).sampling.temperature == study.trials[0].params["temperature"]
 
 
 @pytest.mark.slow
@@ -58,15 +61,18 @@ def test_pruned_trial_shows_pruned_in_optuna_and_mlflow(store, tiny_model_dir):
     # the random tiny model scores 0: a threshold above that prunes at the first evaluation after training
     study = run_sweep(_cfg(tiny_model_dir, n_trials=1), pruner=optuna.pruners.ThresholdPruner(lower=0.5))
     assert study.trials[0].state == optuna.trial.TrialState.PRUNED
-    (trial,), _ = _trial_runs(store)
-    assert trial.data.tags["state"] == "PRUNED" and trial.info.status == "KILLED"
+    (trial,), runs = _trials(store)
+    assert trial.data.tags["optuna.state"] == "PRUNED" and trial.info.status == "KILLED"
+    (sweep,) = [r for r in runs if r.data.tags.get("grpo.stage") == "sweep"]
+    assert sweep.info.status == "FINISHED"
 
 
 @pytest.mark.slow
 def test_two_mains_and_two_sweep_workers_share_one_sqlite_store(store, tiny_model_dir, tmp_path):
-    """Everything a team starts at once on one embedded store: no 'database is locked', no metric lost."""
-    common = ["--model", tiny_model_dir, "--backend", "hf", "--problems", "2", "--max_new_tokens", "6",
-              "--eval_limit", "2", "--train_batch_size", "4", "--trace_samples", "1"]
+    """Everything a team starts at once on one embedded store: no 'database is locked', no metric lost, and
+    two sweep workers with the same (default) seed draw distinct trials."""
+    common = ["--model", tiny_model_dir, "--backend", "hf", "--problems", "2", "--attempts", "4", "--max_new_tokens",
+              "6", "--eval_limit", "2", "--val_limit", "2", "--train_batch_size", "4", "--trace_samples", "1"]
     sweep = [sys.executable, str(ROOT / "entrypoints" / "sweep.py"), *common, "--max_iterations", "1",
              "--n_trials", "2", "--study_name", "shared", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]
     main = [sys.executable, str(ROOT / "entrypoints" / "main.py"), *common, "--max_iterations", "2"]
@@ -79,7 +85,9 @@ def test_two_mains_and_two_sweep_workers_share_one_sqlite_store(store, tiny_mode
     study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert len(study.trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
-    trials, runs = _trial_runs(store)
+    drawn = {tuple(sorted(t.params.items())) for t in study.trials}
+    assert len(drawn) == 4, "two workers drew the same trial"
+    trials, runs = _trials(store)
     assert len(trials) == 4
     client = mlflow.MlflowClient()
     mains = [r for r in runs if r.data.tags.get("grpo.stage") == "main"]

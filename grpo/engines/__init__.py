@@ -1,0 +1,60 @@
+"""Rollout engines behind one interface (`base.Engine`): our torch sampler, and vLLM where it is installed."""
+from __future__ import annotations
+
+from grpo.engines.base import served_weights_match
+from grpo.errors import ModelError
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def make_engine(engine_cfg, model: str, device: str, checkpoint: str = "", seed: int = 0, progress: bool = True):
+    """The engine named by engine_cfg.backend ('auto' = vLLM when importable, else our torch sampler), serving
+    `checkpoint` ('' = the base model)."""
+    from grpo.model import check_checkpoint, resolve
+
+    resolve(model)  # a missing model or checkpoint fails in one line before an engine is imported or built
+    if checkpoint:
+        check_checkpoint(model, checkpoint)
+    backend = engine_cfg.backend
+    if backend == "vllm" and not vllm_available():
+        raise ModelError("backend=vllm but vllm is not installed; pip install '.[vllm]' or pass backend=hf")
+    if backend in ("auto", "vllm") and vllm_available():
+        from grpo.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(engine_cfg, model, device, checkpoint, seed)
+    from grpo.engines.torch_engine import TorchEngine
+
+    return TorchEngine.load(engine_cfg, model, device, checkpoint, progress)
+
+
+def publish(engine, weights, version: int, probe, expected: list[float]) -> dict:
+    """New weights into a running engine, verified: weights() yields (HF name, tensor); expected is the trainer's
+    probe logprobs for them. In place first; if the probe disagrees, the engine is rebuilt on the weights (with a
+    warning, once: an engine that cannot update in place is rebuilt directly from then on). Returns timings."""
+    import time
+    import warnings
+
+    started = time.perf_counter()
+    rebuilt = 0
+    if getattr(engine, "in_place", True):
+        engine.update_weights(weights(), version)
+        served = engine.probe_logprobs(probe)
+    if not getattr(engine, "in_place", True) or not served_weights_match(served, expected, engine.tolerance):
+        if not hasattr(engine, "rebuild"):
+            raise ModelError("the engine does not serve the weights the trainer handed over (probe logprobs differ); "
+                             "pass backend=hf")
+        if getattr(engine, "in_place", True):
+            gap = max(abs(a - b) for a, b in zip(served, expected))
+            warnings.warn(f"{engine.name} did not take new weights in place (probe gap {gap:.3g} nats); it is rebuilt "
+                          "on them instead, now and from here on", RuntimeWarning, stacklevel=2)
+            engine.in_place = False
+        engine.rebuild(weights(), version)
+        served, rebuilt = engine.probe_logprobs(probe), 1
+        if not served_weights_match(served, expected, engine.tolerance):
+            raise ModelError("the rebuilt engine does not serve the trainer's weights either; pass backend=hf")
+    return {"handoff_seconds": time.perf_counter() - started, "engine_rebuilt": rebuilt,
+            "probe_gap": max((abs(a - b) for a, b in zip(served, expected)), default=0.0)}

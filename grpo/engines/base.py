@@ -1,0 +1,63 @@
+"""What every rollout engine is: generate completions with the logprob of each sampled token, take new weights
+in memory, and say which weights it serves. The engines (`torch_engine`, `vllm_engine`) build on this module
+only; `grpo.engines.make_engine` picks one."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Protocol
+
+import torch
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]  # of each sampled token under softmax(logits / T), the distribution sampled from
+    truncated: bool  # hit max_new_tokens before an end-of-sequence token
+
+
+@dataclass
+class GenerationStats:
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A fixed (prompt, completion) whose logprobs, computed by the trainer for the weights it hands over,
+    tell whether the engine really serves those weights."""
+    prompt: list[int]
+    completion: list[int]
+
+
+class Engine(Protocol):
+    name: str
+    stats: GenerationStats
+    version: int  # iterations trained into the weights it serves (0 = the starting weights)
+
+    def generate(self, prompts: list[list[int]], n: int, temperature: float, max_new_tokens: int,
+                 seed: int = 0) -> list[list[Completion]]: ...
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Copy new weights (HF parameter names) into the served model, in place."""
+
+    def probe_logprobs(self, probe: Probe) -> list[float]:
+        """Logprobs of the probe's completion tokens (T = 1) under the weights served now."""
+
+    def release(self) -> None:
+        """Free what generation holds beyond the weights (KV cache), e.g. while the trainer works."""
+
+
+def served_weights_match(served: list[float], new: list[float], tolerance: float) -> bool:
+    """The engine serves the new weights if its probe logprobs are within `tolerance` (the serving precision's
+    noise: 1e-3 in float32, ~0.1 in bf16) of the trainer's for them."""
+    return max((abs(x - y) for x, y in zip(served, new)), default=0.0) <= tolerance
+
+
+def stop_ids(model_config_eos, tokenizer) -> list[int]:
+    ids = model_config_eos if isinstance(model_config_eos, list) else [model_config_eos]
+    return sorted(i for i in set(ids) | {tokenizer.eos_token_id} if i is not None)

@@ -1,0 +1,152 @@
+"""Our torch sampler over a transformers model: prefill each prompt once, fan it out `n` times in the KV cache,
+draw from softmax(logits / T) explicitly (no top-k / top-p), and drop finished rows. On a GPU with a
+Llama-family model the decode loop runs on a preallocated cache with CUDA graphs (`static_decode`)."""
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Iterable
+
+import torch
+
+from grpo.engines.base import Completion, GenerationStats, Probe, stop_ids
+
+
+class TorchEngine:
+    name = "hf"
+
+    def __init__(self, model, tokenizer, batch_size: int = 64, progress: bool = True):
+        from grpo.engines import static_decode
+
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.progress = progress
+        self.stop_ids = stop_ids(model.generation_config.eos_token_id, tokenizer)
+        self.stats = GenerationStats()
+        self.version = 0
+        self.tolerance = 1e-3 if model.dtype == torch.float32 else 0.1  # probe check: float32 vs bf16 serving
+        # one preallocated cache for every call (rows and prompt widths are bucketed), GPU + Llama family only
+        self.static = static_decode.StaticDecoder(model, batch_size) if static_decode.supported(model) else None
+        # transformers renamed `past_key_values` to `cache` (5.2x); accept either release
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    @classmethod
+    def load(cls, engine_cfg, model: str, device: str, checkpoint: str = "", progress: bool = True):
+        from grpo.model import load_model, load_tokenizer
+
+        return cls(load_model(model, device, checkpoint=checkpoint), load_tokenizer(model),
+                   engine_cfg.generation_batch_size, progress)
+
+    @torch.no_grad()
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Copy HF-named tensors into the served parameters (tied weights arrive once or twice: same storage)."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for name, tensor in weights:
+            params[name].copy_(tensor)
+        self.version = version
+
+    @torch.no_grad()
+    def probe_logprobs(self, probe: Probe) -> list[float]:
+        ids = torch.tensor([probe.prompt + probe.completion], device=self.model.device)
+        logits = self.model(input_ids=ids, use_cache=False).logits[0, len(probe.prompt) - 1:-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[0, len(probe.prompt):, None])[:, 0]
+        return logp.tolist()
+
+    def release(self) -> None:
+        if self.static:
+            self.static.release()
+
+    def generate(self, prompts: list[list[int]], n: int, temperature: float, max_new_tokens: int,
+                 seed: int = 0) -> list[list[Completion]]:
+        from tqdm.auto import tqdm
+
+        generator = torch.Generator(device=self.model.device).manual_seed(seed)
+        per_chunk = max(1, self.batch_size // n)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
+        results: list[list[Completion]] = [[] for _ in prompts]
+        start, tokens = time.perf_counter(), 0
+        label = "evaluate (greedy)" if temperature == 0 else f"rollout (T={temperature:g}, {n} each)"
+        with tqdm(total=len(prompts) * n, desc=label, unit="seq", leave=False,
+                  disable=None if self.progress else True) as bar:  # None: bars on a terminal only
+            for k in range(0, len(order), per_chunk):
+                chunk = order[k:k + per_chunk]
+                outs = self._decode([prompts[i] for i in chunk], n, temperature, max_new_tokens, generator)
+                for j, i in enumerate(chunk):
+                    results[i] = outs[j * n:(j + 1) * n]
+                    tokens += sum(len(c.token_ids) for c in results[i])
+                bar.update(len(chunk) * n)
+        self.stats = GenerationStats(tokens, time.perf_counter() - start)
+        return results
+
+    def _decode(self, prompts, n, temperature, max_new_tokens, generator) -> list[Completion]:
+        from transformers import DynamicCache
+
+        device = self.model.device
+        width = max(map(len, prompts))
+        if self.static:  # bucket the width so that chunks share CUDA graphs
+            width = -(-width // 64) * 64
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):  # left padding: every row ends at the same column
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        stop = torch.tensor(self.stop_ids, device=device)
+        with torch.inference_mode():
+            cache = DynamicCache(config=self.model.config)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, **{self._cache_arg: cache})
+            # one prefill per prompt, then n copies of its cache and its next-token logits
+            cache.batch_repeat_interleave(n)
+            logits = out.logits[:, -1].float().repeat_interleave(n, 0)
+            mask = mask.repeat_interleave(n, 0)
+            next_pos = positions[:, -1].repeat_interleave(n, 0) + 1
+            if self.static:
+                return self.static.decode(cache, logits, mask, next_pos, width, temperature, max_new_tokens,
+                                          generator, stop, pad)
+            return self._decode_dynamic(cache, logits, mask, next_pos, temperature, max_new_tokens, generator,
+                                        stop, pad)
+
+    def _decode_dynamic(self, cache, logits, mask, next_pos, temperature, max_new_tokens, generator, stop, pad):
+        device = logits.device
+        rows = torch.arange(len(logits), device=device)  # which output row each batch row is
+        tokens = torch.full((len(rows), max_new_tokens), pad, dtype=torch.long, device=device)
+        logps = torch.zeros((len(rows), max_new_tokens), device=device)
+        lengths = torch.full((len(rows),), max_new_tokens, device=device)
+        done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            token, logp = draw(logits, temperature, generator)
+            tokens[rows, step] = token
+            logps[rows, step] = logp
+            finished = torch.isin(token, stop)
+            lengths[rows[finished]] = step + 1  # the stop token is part of the completion
+            done[rows[finished]] = True
+            if step + 1 == max_new_tokens or finished.all():
+                break
+            if finished.any():  # drop finished rows so later steps cost less
+                keep = (~finished).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                rows, token, mask, next_pos = rows[keep], token[keep], mask[keep], next_pos[keep]
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], -1)
+            out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                             use_cache=True, **{self._cache_arg: cache})
+            logits = out.logits[:, -1].float()
+            next_pos = next_pos + 1
+        return completions(tokens, logps, lengths, done)
+
+
+def draw(logits, temperature: float, generator):
+    """Next token and its logprob under softmax(logits / T); T = 0 is greedy."""
+    logp = torch.log_softmax(logits if temperature == 0 else logits / temperature, -1)
+    if temperature == 0:
+        token = logp.argmax(-1)
+    else:
+        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    return token, logp.gather(-1, token[:, None]).squeeze(-1)
+
+
+def completions(tokens, logps, lengths, done) -> list[Completion]:
+    tokens, logps, lengths, done = tokens.tolist(), logps.tolist(), lengths.tolist(), done.tolist()
+    return [Completion(tokens[r][:int(lengths[r])], logps[r][:int(lengths[r])], not done[r])
+            for r in range(len(tokens))]

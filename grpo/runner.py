@@ -1,0 +1,77 @@
+"""One stage runner for the main chain: a stage is a small record (its key, its metric step, its body, which of
+its metrics the main run carries), and `StageRunner.run` owns everything around the body: the nested MLflow run
+and its params, marking a run that a dead process left RUNNING as KILLED, the resume state, and logging the
+main run's metrics once per step. A stage that finished before (in a killed run) is not run again."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from grpo import tracking
+from grpo.artifacts import RunState
+
+
+@dataclass
+class Stage:
+    key: str  # unique within the run, e.g. "rollout-3"; also the nested run's name
+    step: int  # the metric step (iteration, or iterations trained for evaluations)
+    body: Callable[[str], dict]  # (stage run id) -> metrics
+    parent_metrics: dict[str, str] = field(default_factory=dict)  # main-run name -> stage metric name
+    params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit("-", 1)[0]
+
+
+class StageRunner:
+    def __init__(self, parent_run_id: str, experiment_id: str, state: RunState,
+                 on_logged: Callable[[int, dict], None] | None = None):
+        from mlflow import MlflowClient
+
+        self.parent, self.experiment_id, self.state = parent_run_id, experiment_id, state
+        self.client = MlflowClient()
+        self.on_logged = on_logged  # (step, main-run metrics just logged): progress lines, sweep reports
+
+    def run(self, stage: Stage) -> dict:
+        """Run the stage unless it finished before; return its metrics (with stage_seconds)."""
+        import mlflow
+
+        metrics = self.state.done(stage.key)
+        if metrics is None:
+            started = time.perf_counter()
+            with mlflow.start_run(run_name=stage.key, nested=True, experiment_id=self.experiment_id,
+                                  tags={"grpo.stage": stage.name, "grpo.step": str(stage.step)}) as run:
+                stale = self.state.started(stage.key, run.info.run_id)
+                if stale and stale != run.info.run_id and self.client.get_run(stale).info.status == "RUNNING":
+                    self.client.set_terminated(stale, "KILLED")  # the process that owned it died
+                if stage.params:
+                    tracking.log_params(stage.params)
+                _failpoint(stage.key)
+                with tracking.killed_on_interrupt():
+                    metrics = stage.body(run.info.run_id)
+            metrics["stage_seconds"] = time.perf_counter() - started
+            self.state.mark(stage.key, metrics)
+        carried = {f"time_{stage.name}": metrics["stage_seconds"]}
+        carried |= {target: metrics[source] for target, source in stage.parent_metrics.items() if source in metrics}
+        self.log_once(carried, stage.step)
+        return metrics
+
+    def log_once(self, metrics: dict[str, float], step: int) -> None:
+        """Log main-run metrics, skipping any already logged at this step (a resumed run re-entering a stage)."""
+        fresh = {k: v for k, v in metrics.items()
+                 if not any(m.step == step for m in self.client.get_metric_history(self.parent, k))}
+        if fresh:
+            tracking.log_metrics(fresh, step=step, run_id=self.parent)
+        if self.on_logged:
+            self.on_logged(step, metrics)
+
+
+def _failpoint(key: str) -> None:
+    """Tests: GRPO_FAILPOINT=kill-at:<stage key> SIGKILLs the whole process group as that stage starts, the way
+    a machine failure or OOM killer would end the run."""
+    if os.environ.get("GRPO_FAILPOINT") == f"kill-at:{key}":
+        os.killpg(os.getpgid(0), signal.SIGKILL)

@@ -1,0 +1,290 @@
+"""The GRPO optimisation. `Trainer` keeps the policy (float32 master weights) and its AdamW state in memory across
+iterations, trains on annotated rows, hands its weights out in memory, and saves or loads its full state.
+Checkpoints are written in the background from a snapshot, so training goes on while they are written."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from grpo.artifacts import CHECKPOINT_INFO, atomic_folder, checkpoint_info, prune_checkpoints
+from grpo.errors import DataError, NumericsError
+
+OPTIMIZER_STATE = "optimizer.pt"
+
+
+def learning_rate(optim, step: int, total_steps: int) -> float:
+    """Linear warm-up over optim.warmup_steps optimiser steps, then constant or cosine decay to 0 by total_steps."""
+    peak = optim.learning_rate
+    if step < optim.warmup_steps:
+        return peak * (step + 1) / optim.warmup_steps
+    if optim.lr_schedule == "cosine" and total_steps > optim.warmup_steps:
+        progress = min(1.0, (step - optim.warmup_steps) / (total_steps - optim.warmup_steps))
+        return peak * 0.5 * (1 + math.cos(math.pi * progress))
+    return peak
+
+
+def drain(steps, each=None) -> dict:
+    """Run a `Trainer.train` generator to its end, calling each(event) per optimiser step; return its summary."""
+    while True:
+        try:
+            event = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        if each:
+            each(event)
+
+
+def plan_steps(rows: list[dict], optim, seed: int, iteration: int) -> list[list[list[int]]]:
+    """Optimiser steps of train_batch_size x gradient_accumulation_passes sequences (the last one shorter), each
+    cut into micro-batches of at most train_batch_size rows and max_tokens_per_micro_batch tokens. Rows are
+    shuffled (seeded by iteration); within a step they are sorted by length so micro-batches pack tightly."""
+    from grpo.scoring import micro_batches
+
+    order = list(range(len(rows)))
+    random.Random(seed * 1_000_003 + iteration).shuffle(order)
+    per_step = optim.train_batch_size * optim.gradient_accumulation_passes
+    steps = []
+    for first in range(0, len(order), per_step):
+        chosen = sorted(order[first:first + per_step], key=lambda i: len(rows[i]["prompt_ids"]) +
+                        len(rows[i]["completion_ids"]))
+        lengths = [len(rows[i]["prompt_ids"]) + len(rows[i]["completion_ids"]) for i in chosen]
+        steps.append([[chosen[k] for k in batch] for batch in
+                      micro_batches(lengths, optim.train_batch_size, optim.max_tokens_per_micro_batch)])
+    return steps
+
+
+def trainable(rows: list[dict]) -> list[dict]:
+    """The rows annotate chose to train on (it skips flat groups when drop_flat_groups): those it scored."""
+    kept = [r for r in rows if r.get("ref_logprobs") is not None]
+    if any(len(r["ref_logprobs"]) != len(r["completion_ids"]) for r in kept):
+        raise DataError("annotated rows have reference logprobs of the wrong length; annotate the rollouts again")
+    return kept
+
+
+class Trainer:
+    """The policy at `checkpoint` ('' = base model) in float32 with its optimiser, ready to train.
+
+    Weights stay float32 under bf16 autocast (GPU, and CPUs with bf16 units): tiny learning-rate updates would
+    vanish in bf16 weights."""
+
+    def __init__(self, model: str, optim, device: str, checkpoint: str = ""):
+        from grpo.model import load_model, load_tokenizer
+        from grpo.scoring import use_varlen_attention
+
+        self.model_name, self.optim, self.device = model, optim, device
+        self.tokenizer = load_tokenizer(model)
+        self.model = load_model(model, device, dtype=torch.float32, checkpoint=checkpoint)
+        self.model.train()
+        self.model.config.use_cache = False
+        use_varlen_attention(self.model)
+        kwargs = {"fused": True} if device == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.learning_rate,
+                                           weight_decay=optim.weight_decay, **kwargs)
+        if checkpoint and (Path(checkpoint) / OPTIMIZER_STATE).is_file():
+            saved = torch.load(Path(checkpoint) / OPTIMIZER_STATE, map_location=device)
+            self.optimizer.load_state_dict(saved["optimizer"])
+            torch.set_rng_state(saved["rng"]["torch"])
+            random.setstate(saved["rng"]["python"])
+        info = checkpoint_info(checkpoint) if checkpoint else {}
+        self.step, self.iteration = info.get("global_step", 0), info.get("iteration", -1)
+        self._writer: threading.Thread | None = None
+        self.write_error: BaseException | None = None
+
+    # --- training ---
+
+    def train(self, rows: list[dict], iteration: int, seed: int, total_steps: int) -> Iterator[dict]:
+        """One finetune stage. Yields {"step": n, "metrics": {...}} after each optimiser step and returns the
+        stage's summary. Temperature and max_new_tokens are read from the rows (what rollout used)."""
+        from grpo.loss import grpo_loss, token_weights, truncated_is_weight
+        from grpo.scoring import autocast, pack, sequence_logprobs
+
+        optim, device = self.optim, self.device
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        kept = trainable(rows)
+        temperature = rows[0]["temperature"] if rows else 1.0
+        max_tokens = rows[0]["max_new_tokens"] if rows else 1
+        steps = plan_steps(kept, optim, seed, iteration)
+        old = self._trainer_old_logprobs(kept, steps, temperature) if optim.old_logprobs == "trainer" else None
+        gap = _Gap(optim)
+        started, tokens_done, summary = time.perf_counter(), 0, {}
+        for batches in steps:
+            step_started = time.perf_counter()
+            step_rows = [kept[i] for batch in batches for i in batch]
+            step_sequences, step_tokens = len(step_rows), sum(len(r["completion_ids"]) for r in step_rows)
+            sums = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0, "ratio_sum": 0.0, "ratio_max": 0.0, "tokens": 0}
+            for batch in batches:
+                chosen = [kept[i] for i in batch]
+                packed = pack([r["prompt_ids"] for r in chosen], [r["completion_ids"] for r in chosen], device)
+                flat = lambda key: torch.tensor([x for r in chosen for x in r[key]], device=device)  # noqa: E731
+                sampler = flat("logprobs")
+                adv = torch.tensor([r["advantage"] for r in chosen], device=device)[packed.seq]
+                weights = token_weights(packed.seq, packed.seq_tokens, optim.loss_reduction, step_sequences,
+                                        step_tokens, max_tokens)
+                with autocast(device):
+                    new = sequence_logprobs(self.model, packed, temperature)
+                if old is None:
+                    old_logp, is_weight = sampler, None
+                else:
+                    old_logp = torch.cat([old[i] for i in batch])
+                    is_weight = truncated_is_weight(old_logp, sampler, optim.tis_cap)
+                if gap.pending:
+                    gap.add(new.detach(), sampler)
+                loss, m = grpo_loss(new, old_logp, flat("ref_logprobs"), adv, weights, optim.epsilon,
+                                    optim.epsilon_high, optim.kl_coef, is_weight)
+                if not torch.isfinite(loss):
+                    raise NumericsError(f"loss is {loss.item()} at optimiser step {self.step}; nothing of it was "
+                                        "kept. Lower learning_rate or kl_coef")
+                loss.backward()
+                sums["loss"] += loss.item()
+                sums["ratio_max"] = max(sums["ratio_max"], m.pop("ratio_max"))
+                for k, v in m.items():
+                    sums[k] += v
+            gap.pending = False
+            lr = learning_rate(optim, self.step, total_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), optim.grad_clip).item()
+            if not math.isfinite(grad_norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NumericsError(f"gradient norm is {grad_norm} at optimiser step {self.step}; nothing of it was "
+                                    "kept. Lower learning_rate")
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            trained = sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in step_rows)
+            tokens_done += trained
+            n = max(sums["tokens"], 1)
+            metrics = {"loss": sums["loss"], "kl": sums["kl_sum"] / n, "clip_fraction": sums["clipped"] / n,
+                       "ratio_mean": sums["ratio_sum"] / n, "ratio_max": sums["ratio_max"], "grad_norm": grad_norm,
+                       "learning_rate": lr, "sequences": step_sequences,
+                       "tokens_per_s": trained / (time.perf_counter() - step_started)}
+            summary = metrics
+            yield {"step": self.step, "metrics": metrics}
+        self.iteration = iteration
+        seconds = time.perf_counter() - started
+        return {**{f"last_{k}": v for k, v in summary.items()}, **gap.metrics(),
+                           "optimizer_steps": len(steps), "global_step": self.step,
+                           "sequences_trained": len(kept), "sequences_skipped": len(rows) - len(kept),
+                           "seconds": seconds, "train_tokens_per_s": tokens_done / seconds if seconds else 0.0,
+                           "trained_tokens": tokens_done,
+                "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0}
+
+    @torch.no_grad()
+    def _trainer_old_logprobs(self, rows, steps, temperature) -> dict[int, torch.Tensor]:
+        """The trainer's own logprobs of every row before this iteration's first update (old_logprobs=trainer)."""
+        from grpo.scoring import autocast, pack, sequence_logprobs
+
+        old = {}
+        for batches in steps:
+            for batch in batches:
+                chosen = [rows[i] for i in batch]
+                packed = pack([r["prompt_ids"] for r in chosen], [r["completion_ids"] for r in chosen], self.device)
+                with autocast(self.device):
+                    values = sequence_logprobs(self.model, packed, temperature)
+                old.update(zip(batch, values.split(packed.seq_tokens.tolist())))
+        return old
+
+    # --- weights out ---
+
+    @torch.no_grad()
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, tensor) of every parameter, tied ones once, as stored (float32)."""
+        yield from self.model.named_parameters()
+
+    @torch.no_grad()
+    def probe_logprobs(self, probe) -> list[float]:
+        """The probe under the float32 master weights (no autocast): what an exact copy would serve."""
+        from grpo.scoring import pack, sequence_logprobs
+
+        packed = pack([probe.prompt], [probe.completion], self.device)
+        return sequence_logprobs(self.model, packed, 1.0).tolist()
+
+    # --- full state to disk ---
+
+    def save(self, path: Path, background: bool = True) -> None:
+        """Snapshot weights, AdamW state, step and RNG now; write them to `path` (temp folder + rename) in a
+        background thread, then delete older checkpoints. One write at a time: a new save waits for the last."""
+        self.wait_saved()
+        seen, weights = set(), {}
+        for name, tensor in self.model.state_dict().items():  # tied weights once (HF re-ties them on load)
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                weights[name] = tensor.detach().to("cpu", copy=True).contiguous()
+        optimizer = _to_cpu(self.optimizer.state_dict())
+        info = {"iteration": self.iteration, "global_step": self.step, "model": self.model_name,
+                "saved_at": time.time()}
+        config = self.model.config.to_json_string()
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        job = lambda: self._write(Path(path), weights, optimizer, info, config, rng)  # noqa: E731
+        if not background:
+            return job()
+        self._writer = threading.Thread(target=self._guarded, args=(job,), name="checkpoint-writer", daemon=True)
+        self._writer.start()
+
+    def _guarded(self, job) -> None:
+        try:
+            job()
+        except BaseException as e:  # surfaced by wait_saved in the training thread
+            self.write_error = e
+
+    def _write(self, path: Path, weights, optimizer, info, config, rng) -> None:
+        from safetensors.torch import save_file
+
+        with atomic_folder(path) as tmp:
+            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            if os.environ.get("GRPO_FAILPOINT") == "checkpoint-write":  # tests: kill -9 the run mid-write
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+            (tmp / "config.json").write_text(config)
+            self.model.generation_config.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            torch.save({"optimizer": optimizer, "rng": rng}, tmp / OPTIMIZER_STATE)
+            (tmp / CHECKPOINT_INFO).write_text(json.dumps(info, indent=1))  # last: marks the folder complete
+        prune_checkpoints(path.parent.parent, keep=path)
+
+    def wait_saved(self) -> None:
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self.write_error is not None:
+            error, self.write_error = self.write_error, None
+            raise error
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+class _Gap:
+    """Sampler vs trainer logprobs before the iteration's first update (the 'step-0 gap'): mean and max
+    |difference| and the share of tokens whose ratio already sits outside the clip window."""
+
+    def __init__(self, optim):
+        self.optim, self.pending, self.diffs = optim, True, []
+
+    def add(self, trainer: torch.Tensor, sampler: torch.Tensor) -> None:
+        self.diffs.append((trainer.float() - sampler.float()).cpu())
+
+    def metrics(self) -> dict[str, float]:
+        if not self.diffs:
+            return {}
+        d = torch.cat(self.diffs)
+        ratio = torch.exp(d)
+        outside = (ratio < 1 - self.optim.epsilon) | (ratio > 1 + self.optim.epsilon_high)
+        return {"sampler_gap_mean": d.abs().mean().item(), "sampler_gap_max": d.abs().max().item(),
+                "sampler_outside_clip": outside.float().mean().item()}

@@ -1,0 +1,105 @@
+"""Where each piece runs (`Placement`), and what the stages of one process share (`Workspace`): data, tokenizer,
+prompt builder, rollout engine, reference model and the probe that checks served weights. Everything is built
+on first use, so a stage pays only for what it touches."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+MEMORY_MARGIN = 0.05  # of the card, left to CUDA contexts and allocator slack
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Devices of the engine and reference model (main process) and of the trainer (its own process), and the
+    share of a shared GPU each process may allocate (0 = no cap)."""
+    engine: str
+    reference: str
+    trainer: str
+    engine_memory_fraction: float = 0.0
+    trainer_memory_fraction: float = 0.0
+
+
+def place(policy, engine_cfg) -> Placement:
+    """One GPU: engine, reference model and trainer share it; gpu_memory_utilization is the main process's
+    share (engine + reference), the trainer process may use the rest. No GPU: everything on the CPU."""
+    from grpo.model import pick_device
+
+    device = pick_device(policy.device)
+    if device != "cuda":
+        return Placement("cpu", "cpu", "cpu")
+    share = engine_cfg.gpu_memory_utilization
+    return Placement("cuda", "cuda", "cuda", share, max(0.05, 1 - share - MEMORY_MARGIN))
+
+
+class Workspace:
+    def __init__(self, cfg, placement: Placement | None = None, checkpoint: str = "", progress: bool = True):
+        self.cfg, self.checkpoint, self.progress = cfg, checkpoint, progress
+        self.placement = placement or place(cfg.policy, cfg.engine)
+
+    @cached_property
+    def splits(self):
+        from grpo.tasks import gsm8k
+
+        return gsm8k.load_splits(self.cfg.data.dataset)
+
+    @cached_property
+    def tokenizer(self):
+        from grpo.model import load_tokenizer
+
+        return load_tokenizer(self.cfg.policy.model)
+
+    @cached_property
+    def builder(self):
+        from grpo.tasks.gsm8k import PromptBuilder
+
+        return PromptBuilder(self.tokenizer, self.cfg.data.system_prompt, self.cfg.data.shots, self.splits.exemplars)
+
+    @cached_property
+    def engine(self):
+        from grpo.engines import make_engine
+
+        p = self.placement
+        if p.engine == "cuda" and p.engine_memory_fraction and self.cfg.engine.backend == "hf":
+            import torch
+
+            torch.cuda.set_per_process_memory_fraction(p.engine_memory_fraction)
+        return make_engine(self.cfg.engine, self.cfg.policy.model, p.engine, self.checkpoint, self.cfg.loop.seed,
+                           self.progress)
+
+    @cached_property
+    def reference(self):
+        """The starting policy, float32 weights scored under the trainer's autocast: KL is exactly 0 at step 0."""
+        import torch
+
+        from grpo.model import load_model
+        from grpo.scoring import use_varlen_attention
+
+        model = load_model(self.cfg.policy.model, self.placement.reference, dtype=torch.float32)
+        use_varlen_attention(model)
+        return model
+
+    @cached_property
+    def probe(self):
+        """A worked exemplar answer under the reference prompt: a fixed sequence to compare served weights on."""
+        from grpo.engines.base import Probe
+        from grpo.tasks.gsm8k import PromptBuilder, exemplar_text
+
+        problem = self.splits.exemplars[0]
+        prompt = PromptBuilder(self.tokenizer, "", 0, []).ids(problem)
+        completion = self.tokenizer(exemplar_text(problem), add_special_tokens=False)["input_ids"][:64]
+        return Probe(prompt, completion)
+
+    def check_prompt_fits(self) -> None:
+        """The longest prompt plus max_new_tokens must fit the model's context, checked before any work."""
+        from grpo.errors import ConfigError
+        from grpo.model import model_context
+
+        limit = model_context(self.cfg.policy.model)
+        longest = max(self.splits.pool + self.splits.validation + self.splits.test, key=lambda p: len(p.question))
+        need = len(self.builder.ids(longest)) + self.cfg.engine.max_new_tokens
+        if limit and need > limit:
+            raise ConfigError(f"the longest prompt ({need - self.cfg.engine.max_new_tokens} tokens with "
+                              f"system_prompt and {self.cfg.data.shots} shots) plus max_new_tokens "
+                              f"{self.cfg.engine.max_new_tokens} needs {need} tokens, past the model's {limit}; "
+                              "shorten system_prompt, lower shots or max_new_tokens")

@@ -1,0 +1,79 @@
+"""The engines' logprobs must describe the distribution the trainer scores (softmax(logits / T)), and new
+weights must really be served."""
+import pytest
+import torch
+
+from grpo.engines import publish
+from grpo.engines.base import Probe, served_weights_match
+from grpo.engines.torch_engine import TorchEngine
+from grpo.model import load_model
+from grpo.scoring import score_completions
+from grpo.tasks.gsm8k import PromptBuilder, load_splits
+
+
+def _prompts(tokenizer, count):
+    splits = load_splits("bundled")
+    builder = PromptBuilder(tokenizer, "", 0, splits.exemplars)  # prompts of different lengths: padding is exercised
+    return [builder.ids(p) for p in splits.pool[:count]]
+
+
+def _gaps(model, outputs, prompts, temperature):
+    flat = [(p, c) for p, group in zip(prompts, outputs) for c in group]
+    rescored = score_completions(model, [p for p, _ in flat], [c.token_ids for _, c in flat], temperature)
+    return torch.tensor([abs(a - b) for (_, c), r in zip(flat, rescored) for a, b in zip(c.logprobs, r)])
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_real_smollm2_sampler_matches_trainer(smollm2_dir, tokenizer, temperature, monkeypatch):
+    monkeypatch.setenv("GRPO_CPU_BF16", "0")  # both sides float32
+    model = load_model(smollm2_dir, "cpu", dtype=torch.float32)
+    engine = TorchEngine(model, tokenizer, batch_size=8, progress=False)
+    prompts = _prompts(tokenizer, 3)
+    outputs = engine.generate(prompts, 3, temperature, 24, seed=1)
+    assert all(len(group) == 3 for group in outputs)
+    gaps = _gaps(model, outputs, prompts, temperature)
+    assert gaps.mean().item() < 1e-3 and gaps.max().item() < 1e-2  # the first step's importance ratio is ~1
+
+
+def test_tiny_model_stops_and_flags_truncation(tiny_model_dir, tokenizer):
+    engine = TorchEngine(load_model(tiny_model_dir, "cpu", dtype=torch.float32), tokenizer, 4, progress=False)
+    outputs = engine.generate(_prompts(tokenizer, 2), 2, 1.0, 6, seed=0)
+    for group in outputs:
+        for c in group:
+            ended = c.token_ids[-1] in engine.stop_ids
+            assert c.truncated == (not ended) and len(c.token_ids) <= 6 and len(c.logprobs) == len(c.token_ids)
+            assert all(lp <= 0 for lp in c.logprobs)
+    assert engine.stats.tokens == sum(len(c.token_ids) for g in outputs for c in g)
+
+
+def test_greedy_is_deterministic_and_matches_argmax(tiny_model_dir, tokenizer):
+    model = load_model(tiny_model_dir, "cpu", dtype=torch.float32)
+    engine = TorchEngine(model, tokenizer, 4, progress=False)
+    prompts = _prompts(tokenizer, 2)
+    first = engine.generate(prompts, 1, 0.0, 5)
+    again = engine.generate(prompts, 1, 0.0, 5, seed=123)
+    assert [c.token_ids for g in first for c in g] == [c.token_ids for g in again for c in g]
+    assert first[0][0].token_ids[0] == model(input_ids=torch.tensor([prompts[0]])).logits[0, -1].argmax().item()
+    a, b = (engine.generate(prompts, 2, 1.0, 5, seed=7) for _ in range(2))
+    assert [c.token_ids for g in a for c in g] == [c.token_ids for g in b for c in g]  # seeded sampling repeats
+
+
+def test_new_weights_are_served_and_checked_on_the_probe(tiny_model_dir, tokenizer, monkeypatch):
+    monkeypatch.setenv("GRPO_CPU_BF16", "0")  # the trainer's probe is float32, as is this engine
+    engine = TorchEngine(load_model(tiny_model_dir, "cpu", dtype=torch.float32), tokenizer, 4, progress=False)
+    probe = Probe(_prompts(tokenizer, 1)[0], tokenizer(" \\boxed{4}", add_special_tokens=False)["input_ids"])
+    trained = load_model(tiny_model_dir, "cpu", dtype=torch.float32)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    new = score_completions(trained, [probe.prompt], [probe.completion], 1.0)[0]
+    assert not served_weights_match(engine.probe_logprobs(probe), new, engine.tolerance)  # stale
+    report = publish(engine, trained.named_parameters, 3, probe, new)
+    assert served_weights_match(engine.probe_logprobs(probe), new, engine.tolerance) and engine.version == 3
+    assert report["engine_rebuilt"] == 0 and report["probe_gap"] < 1e-3
+
+
+def test_served_weights_match_within_the_serving_precision():
+    assert served_weights_match([-1.0, -2.0], [-1.0, -2.0005], 1e-3)
+    assert not served_weights_match([-1.0, -2.0], [-1.5, -2.0], 1e-3)
+    assert served_weights_match([-1.0, -2.0], [-1.08, -2.0], 0.1) and not served_weights_match([-1.0], [-1.2], 0.1)

@@ -1,0 +1,135 @@
+"""The trainer on the tiny model: direction of an update, exact normalisation over micro-batches, metrics,
+numerics, background checkpoints and the learning-rate schedule."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo.artifacts import CHECKPOINT_INFO, checkpoint_info
+from grpo.config import Config, Optim
+from grpo.errors import NumericsError
+from grpo.model import load_model
+from grpo.scoring import score_completions
+from grpo.trainer import Trainer, learning_rate
+
+
+def _rows(tokenizer, model, count=2, advantages=(1.0, -1.0)):
+    """Rows as annotate writes them: sampler and reference logprobs from the model itself (ratio 1, KL 0)."""
+    prompt = tokenizer("Q: 2+2?\nA:", add_special_tokens=False)["input_ids"]
+    texts = [" \\boxed{4}", " 5 5 5", " four", " \\boxed{5} or so", " 4", " it is 4 I think"]
+    completions = [tokenizer(texts[k % len(texts)], add_special_tokens=False)["input_ids"] for k in range(count)]
+    logps = score_completions(model, [prompt] * count, completions, 1.0)
+    return [dict(prompt_ids=prompt, completion_ids=c, logprobs=lp, ref_logprobs=lp, temperature=1.0,
+                 max_new_tokens=16, iteration=0, advantage=advantages[k % len(advantages)])
+            for k, (c, lp) in enumerate(zip(completions, logps))]
+
+
+def _train(trainer, rows, iteration=0):
+    from grpo.trainer import drain
+
+    steps = []
+    summary = drain(trainer.train(rows, iteration, seed=0, total_steps=100), steps.append)
+    return steps, summary
+
+
+def test_one_step_raises_positive_and_lowers_negative(tiny_model_dir, tokenizer):
+    trainer = Trainer(tiny_model_dir, Optim(learning_rate=1e-2, warmup_steps=0, kl_coef=0.0), "cpu")
+    rows = _rows(tokenizer, trainer.model)
+    steps, summary = _train(trainer, rows)
+    assert summary["optimizer_steps"] == 1 and [e["step"] for e in steps] == [1]
+    assert steps[0]["metrics"]["ratio_mean"] == pytest.approx(1, abs=1e-4)  # first step: policy = sampler
+    new = score_completions(trainer.model, [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], 1.0)
+    assert sum(new[0]) > sum(rows[0]["logprobs"]) and sum(new[1]) < sum(rows[1]["logprobs"])
+
+
+@pytest.mark.parametrize("reduction", ["seq_mean", "token_mean", "seq_sum"])
+def test_step_gradient_does_not_depend_on_how_the_step_is_cut(tiny_model_dir, tokenizer, reduction, monkeypatch):
+    """10 rows in one optimiser step: one micro-batch of 10, micro-batches of 8 + 2, or cut by a token cap,
+    must give the same gradient (SGD with lr 1 makes the weight change the gradient itself)."""
+    monkeypatch.setenv("GRPO_CPU_BF16", "0")  # float32: bf16 rounding depends on the batch shape
+    deltas = []
+    for batch, passes, cap in ((10, 1, 0), (8, 2, 0), (16, 1, 40)):
+        optim = Optim(learning_rate=1.0, warmup_steps=0, grad_clip=1e9, kl_coef=0.05, train_batch_size=batch,
+                      gradient_accumulation_passes=passes, max_tokens_per_micro_batch=cap, loss_reduction=reduction)
+        trainer = Trainer(tiny_model_dir, optim, "cpu")
+        trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=1.0)
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        rows = _rows(tokenizer, load_model(tiny_model_dir, "cpu", dtype=torch.float32), 10,
+                     advantages=(1.0, -0.5, 0.0, 2.0, -1.0))
+        for r in rows[::3]:  # a policy that drifted from the sampler: ratios away from 1, some clipped
+            r["logprobs"] = [x + 0.3 for x in r["logprobs"]]
+        steps, summary = _train(trainer, rows)
+        assert summary["optimizer_steps"] == 1
+        deltas.append({k: v - before[k] for k, v in trainer.model.state_dict().items()})
+    for other in deltas[1:]:
+        for name, delta in deltas[0].items():
+            assert torch.allclose(delta, other[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_ratio_max_is_the_max_over_micro_batches(tiny_model_dir, tokenizer):
+    trainer = Trainer(tiny_model_dir, Optim(train_batch_size=1, gradient_accumulation_passes=4), "cpu")
+    steps, _ = _train(trainer, _rows(tokenizer, trainer.model, 4))
+    m = steps[0]["metrics"]
+    assert m["ratio_max"] == pytest.approx(1.0, abs=1e-4) and m["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert m["sequences"] == 4
+
+
+def test_nan_stops_before_anything_is_kept(tiny_model_dir, tokenizer):
+    trainer = Trainer(tiny_model_dir, Optim(train_batch_size=1, gradient_accumulation_passes=1), "cpu")
+    rows = _rows(tokenizer, trainer.model, 1, advantages=(math.nan,))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(NumericsError, match="nothing of it was kept"):
+        _train(trainer, rows)
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+
+
+def test_rows_annotate_did_not_score_are_not_trained(tiny_model_dir, tokenizer):
+    trainer = Trainer(tiny_model_dir, Optim(), "cpu")
+    rows = _rows(tokenizer, trainer.model, 4)
+    rows[3]["ref_logprobs"] = None  # a flat group's row
+    _, summary = _train(trainer, rows)
+    assert (summary["sequences_trained"], summary["sequences_skipped"]) == (3, 1)
+
+
+def test_background_checkpoint_is_complete_and_resumes_step_and_optimizer(tiny_model_dir, tokenizer, tmp_path):
+    trainer = Trainer(tiny_model_dir, Optim(train_batch_size=1, gradient_accumulation_passes=1), "cpu")
+    rows = _rows(tokenizer, trainer.model, 2)
+    _train(trainer, rows)
+    target = tmp_path / "run" / "checkpoints" / "iter-0000"
+    trainer.save(target)  # background
+    _train(trainer, rows, iteration=1)  # training goes on while it is written
+    trainer.wait_saved()
+    info = checkpoint_info(target)
+    assert (info["iteration"], info["global_step"]) == (0, 2)
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".tmp-")]
+    resumed = Trainer(tiny_model_dir, trainer.optim, "cpu", checkpoint=str(target))
+    assert resumed.step == 2 and resumed.optimizer.state_dict()["state"]
+    later = tmp_path / "run" / "checkpoints" / "iter-0001"
+    trainer.save(later, background=False)
+    assert not target.exists() and json.loads((later / CHECKPOINT_INFO).read_text())["global_step"] == 4
+
+
+def test_trainer_old_logprobs_and_the_sampler_gap(tiny_model_dir, tokenizer):
+    trainer = Trainer(tiny_model_dir, Optim(old_logprobs="trainer", tis_cap=2.0), "cpu")
+    rows = _rows(tokenizer, trainer.model, 4)
+    for r in rows:
+        r["logprobs"] = [x - 0.1 for x in r["logprobs"]]  # the engine sampled from a slightly different model
+    steps, summary = _train(trainer, rows)
+    assert steps[0]["metrics"]["ratio_mean"] == pytest.approx(1.0, abs=1e-4)  # old = the trainer itself
+    assert summary["sampler_gap_mean"] == pytest.approx(0.1, abs=1e-4)
+    assert summary["sampler_outside_clip"] == 0.0
+
+
+def test_learning_rate_schedule_hand_values():
+    constant = Optim(learning_rate=1.0, warmup_steps=4)
+    assert [learning_rate(constant, s, 100) for s in (0, 1, 3, 50)] == [0.25, 0.5, 1.0, 1.0]
+    cosine = Optim(learning_rate=1.0, warmup_steps=2, lr_schedule="cosine")
+    assert learning_rate(cosine, 2, 12) == pytest.approx(1.0)
+    assert learning_rate(cosine, 7, 12) == pytest.approx(0.5)  # half way through the decay
+    assert learning_rate(cosine, 12, 12) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_config_optim_section_feeds_the_trainer():
+    assert isinstance(Config().optim, Optim) and Path(__file__).exists()
