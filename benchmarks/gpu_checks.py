@@ -3,7 +3,7 @@ packed flash-attention (varlen) logprobs and gradients against the padded SDPA l
 logprobs against the trainer's, its one KV buffer across batch shapes, and weights handed to another process by
 CUDA IPC.
 
-    python benchmarks/gpu_checks.py"""
+    python benchmarks/gpu_checks.py [TOKENIZER_FOLDER]     # default: the bundled SmolLM2's"""
 from __future__ import annotations
 
 import inspect
@@ -57,7 +57,12 @@ def sampler_parity(rows: list[str]) -> None:
     from grpo.model import load_tokenizer, resolve
     from grpo.scoring import score_completions
 
-    tokenizer = load_tokenizer(resolve("smollm2-135m"))
+    if len(sys.argv) > 1:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+    else:
+        tokenizer = load_tokenizer(resolve("smollm2-135m"))
     model = tiny_llama(len(tokenizer)).to(torch.bfloat16)
     engine = TorchEngine(model, tokenizer, batch_size=64, progress=False)
     g = torch.Generator().manual_seed(2)

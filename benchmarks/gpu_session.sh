@@ -4,28 +4,35 @@
 # Prepare here (once): wheels of the mlflow-skinny closure + gguf in .whl/, the SmolLM2 tokenizer in .carry0/tok,
 # the checkout to compare against in .baseline/ (its grpo/ and entrypoints/), and the bundled GGUF split in two by
 # ../shared/device/prepare-model-carry into .carry1/ and .carry2/.
-#   checks     [.whl .carry0 .baseline]: installs the wheels, runs benchmarks/gpu_checks.py and a small chain
-#   bench ARGS [.carry1]: the 1B-shaped iteration benchmark, the old checkout then this one (benchmarks/iteration.py)
-#   learn SECONDS ARGS [.carry2]: joins and dequantises SmolLM2, runs main with ARGS for at most SECONDS, exports
+#   checks     [.whl .carry0 .baseline .carry1]: installs the wheels, runs benchmarks/gpu_checks.py and a small chain
+#   bench ARGS [.whl .carry0 .baseline .carry1]: installs, then the 1B-shaped iteration benchmark, the old checkout
+#              then this one (benchmarks/iteration.py)
+#   learn SECONDS ARGS [.carry2]: joins and dequantises SmolLM2 (GGUF split 45 MB + 53 MB so that each call fits),
+#              runs main with ARGS for at most SECONDS, exports the run
 set -u
 phase=$1; shift
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 GRPO_SMOLLM2_GGUF=/tmp/m/model.gguf GRPO_CACHE=/tmp/cache
 export MLFLOW_ALLOW_FILE_STORE=true TOKENIZERS_PARALLELISM=false
 mkdir -p /tmp/m "$OUT"
-case $phase in
-checks)
+setup() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     2>&1 | grep -v "WARNING: Target directory"
-  cp -r .carry0/tok /tmp/tok; cp -r .baseline /tmp/baseline
+  rm -rf /tmp/tok /tmp/baseline; cp -r .carry0/tok /tmp/tok; cp -r .baseline /tmp/baseline
+  ln -sfn "$PWD/data" /tmp/baseline/data; cp .carry1/* /tmp/m/ 2>/dev/null
+}
+case $phase in
+checks)
+  setup
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 benchmarks/gpu_checks.py 2>&1 | grep -v Warning
+  python3 benchmarks/gpu_checks.py /tmp/tok 2>&1 | grep -v Warning
   python3 benchmarks/iteration.py --out /tmp/bench-smoke --tokenizer /tmp/tok --problems 8 --max_new_tokens 64 \
     --iterations 2 --name smoke --extra "--max_tokens_per_micro_batch 16384 --checkpoint_every 1 --val_limit 8" ;;
 bench)
-  cp .carry1/* /tmp/m/
-  python3 benchmarks/iteration.py --out /tmp/bench --tokenizer /tmp/tok --code /tmp/baseline --name before "$@"
+  setup
+  python3 benchmarks/iteration.py --out /tmp/bench --tokenizer /tmp/tok --code /tmp/baseline --name before \
+    --iterations 2 --train_batch_size 8 "$@"
   python3 benchmarks/iteration.py --out /tmp/bench --tokenizer /tmp/tok --name after \
-    --extra "--max_tokens_per_micro_batch 16384 --checkpoint_every 2" "$@"
+    --extra "--max_tokens_per_micro_batch 8192 --checkpoint_every 2" "$@"
   cp /tmp/bench/*.json "$OUT/" ;;
 learn)
   budget=$1; shift

@@ -52,7 +52,8 @@ def run_chain(code: Path, model: str, store: Path, args, extra: list[str]) -> fl
     flags = ["--model", model, "--backend", "hf", "--shots", "0", "--system_prompt", "", "--problems",
              str(args.problems), "--attempts", str(args.attempts), "--temperature", "1.0", "--max_new_tokens",
              str(args.max_new_tokens), "--generation_batch_size", str(args.problems * args.attempts),
-             "--drop_flat_groups", "false", "--train_batch_size", "16", "--gradient_accumulation_passes", "2",
+             "--drop_flat_groups", "false", "--train_batch_size", str(args.train_batch_size),
+             "--gradient_accumulation_passes", str(32 // args.train_batch_size),
              "--eval_limit", str(args.eval_limit), "--test_every_n_iterations", "0", "--trace_samples", "0",
              "--max_iterations", str(args.iterations), "--learning_rate", "1e-6", *extra]
     env = {**os.environ, "MLFLOW_TRACKING_URI": store.as_uri(), "MLFLOW_ALLOW_FILE_STORE": "true",
@@ -70,8 +71,9 @@ def read_run(store: Path) -> tuple[dict, dict]:
     import mlflow
 
     client = mlflow.MlflowClient(store.as_uri())
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
-    (main,) = [r for r in runs if r.data.tags.get("grpo.stage") == "main"]
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000,
+                              order_by=["attributes.start_time DESC"])
+    main = next(r for r in runs if r.data.tags.get("grpo.stage") == "main")  # the newest
     series = {key: {m.step: (m.value, m.timestamp) for m in client.get_metric_history(main.info.run_id, key)}
               for key in main.data.metrics}
     finetunes = {int(r.info.run_name.rsplit("-", 1)[1]): r.data.metrics for r in runs
@@ -131,6 +133,7 @@ def main(argv=None):
     p.add_argument("--attempts", type=int, default=8, help="attempts per problem")
     p.add_argument("--max_new_tokens", type=int, default=512, help="token limit per completion")
     p.add_argument("--iterations", type=int, default=3, help="iterations (the first is warm-up)")
+    p.add_argument("--train_batch_size", type=int, default=16, help="sequences per micro-batch (32 per step)")
     p.add_argument("--eval_limit", type=int, default=64, help="test problems at the start and end evaluations")
     p.add_argument("--extra", default="", help="more flags for main, e.g. '--max_tokens_per_micro_batch 16384'")
     args = p.parse_args(argv)

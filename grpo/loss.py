@@ -64,7 +64,7 @@ def grpo_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Te
     logprobs under the same softmax(logits / T), or the trainer's own before its first update. is_weight [N]
     (optional, no gradient): truncated importance weight min(p_old / p_sampler, C) multiplying the surrogate.
     Returns (loss to minimise = -sum(weights * objective), metrics as sums over the tokens, so that the
-    trainer can add them over micro-batches: kl_sum, clipped, ratio_sum, ratio_max, tokens)."""
+    trainer can add them over micro-batches: kl_sum, clipped, ratio_sum, ratio_max as 0-d tensors, tokens)."""
     log_ratio = (new_logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
@@ -75,12 +75,12 @@ def grpo_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Te
     kl = kl_k3(new_logp, ref_logp)
     objective = surrogate - kl_coef * kl
     loss = -(objective * weights).sum()
-    with torch.no_grad():
+    with torch.no_grad():  # 0-d tensors: summing them over micro-batches needs no host sync
         metrics = {
-            "kl_sum": kl.sum().item(),
-            "clipped": (clipped < unclipped).sum().item(),  # the clip decided the token's objective
-            "ratio_sum": ratio.sum().item(),
-            "ratio_max": ratio.max().item() if ratio.numel() else 0.0,
+            "kl_sum": kl.sum(),
+            "clipped": (clipped < unclipped).sum(),  # the clip decided the token's objective
+            "ratio_sum": ratio.sum(),
+            "ratio_max": ratio.max() if ratio.numel() else ratio.new_zeros(()),
             "tokens": ratio.numel(),
         }
     return loss, metrics

@@ -50,6 +50,7 @@ class Chain:
         self.ws = Workspace(cfg, checkpoint=self.checkpoint)
         self.trainer = TrainerClient(cfg.loop.trainer_timeout)
         self.saved = self.trained - 1  # the newest iteration whose checkpoint exists or is being written
+        self.floor: float | None = None  # probe gap between engine and trainer on the same weights
         self.last: dict[str, dict] = {}  # newest metrics of each stage, for the progress line
 
     def path(self, kind: str, i: int) -> Path:
@@ -88,6 +89,10 @@ class Chain:
             p = self.ws.placement
             self.trainer.start(self.cfg.policy.model, self.cfg.optim, p.trainer, self.checkpoint,
                                p.trainer_memory_fraction, self.ws.probe)
+            if self.floor is None:  # engine and trainer hold the same weights now: their precision difference
+                from grpo.engines.base import probe_gap
+
+                self.floor = probe_gap(self.ws.engine.probe_logprobs(self.ws.probe), self.trainer.probe())
 
     def planned_steps(self) -> int:
         """Optimiser steps of the whole run if every group had signal: the horizon of the cosine schedule."""
@@ -99,7 +104,9 @@ class Chain:
         """The trainer's weights into the engine, in memory; verified on the probe sequence."""
         from grpo.engines import publish
 
-        return publish(self.ws.engine, self.trainer.weights, self.trained, self.ws.probe, self.trainer.probe())
+        report = publish(self.ws.engine, self.trainer.weights, self.trained, self.ws.probe, self.trainer.probe(),
+                         self.floor or 0.0)
+        return report | {"probe_floor": self.floor or 0.0}
 
     def replay(self, done) -> None:
         """Finetune stages that finished after the newest checkpoint: train on their annotated rows again, without
@@ -134,7 +141,7 @@ def logged_rollout(ws, i: int, out: Path) -> dict:
     metrics.update(_peak_gpu())
     write_jsonl(rows, out)
     tracking.log_metrics(metrics, step=i)
-    tracking.log_rows(rows, f"rollouts/{out.name}")
+    tracking.log_file(out, "rollouts")
     tracking.log_traces(rows, "rollout", cfg.evaluation.trace_samples, step=i)
     return metrics
 
@@ -148,7 +155,7 @@ def logged_annotate(ws, rows: list[dict], i: int, out: Path) -> dict:
     metrics["seconds"] = time.perf_counter() - started
     write_jsonl(rows, out)
     tracking.log_metrics(metrics, step=i)
-    tracking.log_rows(rows, f"annotated/{out.name}")
+    tracking.log_file(out, "annotated")
     return metrics
 
 

@@ -35,6 +35,7 @@ class StageRunner:
         self.parent, self.experiment_id, self.state = parent_run_id, experiment_id, state
         self.client = MlflowClient()
         self.on_logged = on_logged  # (step, main-run metrics just logged): progress lines, sweep reports
+        self._steps: dict[str, set[int]] = {}  # steps logged per main-run metric (this runner is its one writer)
 
     def run(self, stage: Stage) -> dict:
         """Run the stage unless it finished before; return its metrics (with stage_seconds)."""
@@ -62,10 +63,13 @@ class StageRunner:
 
     def log_once(self, metrics: dict[str, float], step: int) -> None:
         """Log main-run metrics, skipping any already logged at this step (a resumed run re-entering a stage)."""
-        fresh = {k: v for k, v in metrics.items()
-                 if not any(m.step == step for m in self.client.get_metric_history(self.parent, k))}
+        for key in metrics.keys() - self._steps.keys():  # once per metric: what an earlier process logged
+            self._steps[key] = {m.step for m in self.client.get_metric_history(self.parent, key)}
+        fresh = {k: v for k, v in metrics.items() if step not in self._steps[k]}
         if fresh:
             tracking.log_metrics(fresh, step=step, run_id=self.parent)
+            for key in fresh:
+                self._steps[key].add(step)
         if self.on_logged:
             self.on_logged(step, metrics)
 

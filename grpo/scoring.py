@@ -184,8 +184,10 @@ def use_varlen_attention(model) -> bool:
     native_gqa = "enable_gqa" in params
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        # [1, H, L, D] -> [L, H, D]; rows are delimited by cu_seq_lens
-        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+        # [1, H, L, D] -> [L, H, D]; rows are delimited by cu_seq_lens. Flash attention takes bf16/fp16 only:
+        # rotary embeddings hand float32 queries and keys over under autocast (and without it, e.g. the probe)
+        dtype = query.dtype
+        q, k, v = (x[0].transpose(0, 1).to(torch.bfloat16) for x in (query, key, value))
         extra = dict(causal)
         if q.shape[1] != k.shape[1]:
             if native_gqa:
@@ -194,7 +196,7 @@ def use_varlen_attention(model) -> bool:
                 k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
         out = varlen_attn(q, k, v, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["max_length_q"],
                           kwargs["max_length_k"], scale=scaling, **extra)
-        return out[None], None
+        return out[None].to(dtype), None
 
     AttentionInterface.register(VARLEN, attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, flash_attention_mask)

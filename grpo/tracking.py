@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from grpo.errors import TrackingError
@@ -167,16 +166,11 @@ def open_ui_on_runs(experiment_id: str) -> None:
         client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
 
 
-def log_rows(rows: list[dict], artifact_path: str) -> None:
-    """Rows as a JSONL artifact (written to a temp folder first)."""
+def log_file(path: Path, artifact_folder: str) -> None:
+    """A file (rows already written as JSONL) as an artifact of the active run."""
     import mlflow
 
-    from grpo.artifacts import write_jsonl
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(artifact_path).name
-        write_jsonl(rows, path)
-        mlflow.log_artifact(str(path), str(Path(artifact_path).parent) if "/" in artifact_path else None)
+    mlflow.log_artifact(str(path), artifact_folder)
 
 
 def log_table(rows: list[dict], artifact_file: str, columns: tuple[str, ...]) -> None:

@@ -97,6 +97,8 @@ class Trainer:
         info = checkpoint_info(checkpoint) if checkpoint else {}
         self.step, self.iteration = info.get("global_step", 0), info.get("iteration", -1)
         self._writer: threading.Thread | None = None
+        self._snapshot_taken = threading.Event()
+        self._snapshot_taken.set()
         self.write_error: BaseException | None = None
 
     # --- training ---
@@ -108,6 +110,7 @@ class Trainer:
         from grpo.scoring import autocast, pack, sequence_logprobs
 
         optim, device = self.optim, self.device
+        self._snapshot_taken.wait()  # a checkpoint copying the weights out must finish copying before they change
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         kept = trainable(rows)
@@ -122,6 +125,7 @@ class Trainer:
             step_rows = [kept[i] for batch in batches for i in batch]
             step_sequences, step_tokens = len(step_rows), sum(len(r["completion_ids"]) for r in step_rows)
             sums = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0, "ratio_sum": 0.0, "ratio_max": 0.0, "tokens": 0}
+            zero = torch.zeros((), device=device)
             for batch in batches:
                 chosen = [kept[i] for i in batch]
                 packed = pack([r["prompt_ids"] for r in chosen], [r["completion_ids"] for r in chosen], device)
@@ -141,15 +145,17 @@ class Trainer:
                     gap.add(new.detach(), sampler)
                 loss, m = grpo_loss(new, old_logp, flat("ref_logprobs"), adv, weights, optim.epsilon,
                                     optim.epsilon_high, optim.kl_coef, is_weight)
-                if not torch.isfinite(loss):
-                    raise NumericsError(f"loss is {loss.item()} at optimiser step {self.step}; nothing of it was "
-                                        "kept. Lower learning_rate or kl_coef")
                 loss.backward()
-                sums["loss"] += loss.item()
-                sums["ratio_max"] = max(sums["ratio_max"], m.pop("ratio_max"))
+                sums["loss"] = loss.detach() + sums["loss"]
+                sums["ratio_max"] = torch.maximum(zero + sums["ratio_max"], m.pop("ratio_max"))
                 for k, v in m.items():
                     sums[k] += v
             gap.pending = False
+            sums = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in sums.items()}  # one sync a step
+            if not math.isfinite(sums["loss"]):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NumericsError(f"loss is {sums['loss']} at optimiser step {self.step}; nothing of it was kept. "
+                                    "Lower learning_rate or kl_coef")
             lr = learning_rate(optim, self.step, total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -203,39 +209,53 @@ class Trainer:
 
     @torch.no_grad()
     def probe_logprobs(self, probe) -> list[float]:
-        """The probe under the float32 master weights (no autocast): what an exact copy would serve."""
+        """The probe in the precision the engine serves: bf16 on a GPU (the training forward), float32 on a CPU."""
+        import contextlib
+
         from grpo.scoring import pack, sequence_logprobs
 
         packed = pack([probe.prompt], [probe.completion], self.device)
-        return sequence_logprobs(self.model, packed, 1.0).tolist()
+        bf16 = torch.autocast("cuda", dtype=torch.bfloat16) if self.device == "cuda" else contextlib.nullcontext()
+        with bf16:
+            return sequence_logprobs(self.model, packed, 1.0).tolist()
 
     # --- full state to disk ---
 
     def save(self, path: Path, background: bool = True) -> None:
-        """Snapshot weights, AdamW state, step and RNG now; write them to `path` (temp folder + rename) in a
-        background thread, then delete older checkpoints. One write at a time: a new save waits for the last."""
+        """Write weights, AdamW state, step and RNG to `path` (temp folder + rename) and then delete older
+        checkpoints. In the background: a thread copies the state out (training waits for that copy, not for the
+        write) and writes it. One write at a time: a new save waits for the last."""
         self.wait_saved()
-        seen, weights = set(), {}
-        for name, tensor in self.model.state_dict().items():  # tied weights once (HF re-ties them on load)
-            if tensor.data_ptr() not in seen:
-                seen.add(tensor.data_ptr())
-                weights[name] = tensor.detach().to("cpu", copy=True).contiguous()
-        optimizer = _to_cpu(self.optimizer.state_dict())
         info = {"iteration": self.iteration, "global_step": self.step, "model": self.model_name,
                 "saved_at": time.time()}
-        config = self.model.config.to_json_string()
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        job = lambda: self._write(Path(path), weights, optimizer, info, config, rng)  # noqa: E731
+        job = lambda: self._write(Path(path), *self._snapshot(), info, self.model.config.to_json_string(), rng)  # noqa
         if not background:
             return job()
+        self._snapshot_taken.clear()
         self._writer = threading.Thread(target=self._guarded, args=(job,), name="checkpoint-writer", daemon=True)
         self._writer.start()
+
+    @torch.no_grad()
+    def _snapshot(self):
+        """CPU copies of the weights (tied ones once: HF re-ties them on load) and of the optimiser state."""
+        try:
+            seen, weights = set(), {}
+            for name, tensor in self.model.state_dict().items():
+                if tensor.data_ptr() not in seen:
+                    seen.add(tensor.data_ptr())
+                    weights[name] = tensor.detach().to("cpu", copy=True).contiguous()
+            return weights, _to_cpu(self.optimizer.state_dict())
+        finally:
+            self._snapshot_taken.set()
 
     def _guarded(self, job) -> None:
         try:
             job()
         except BaseException as e:  # surfaced by wait_saved in the training thread
             self.write_error = e
+        finally:
+            self._snapshot_taken.set()
 
     def _write(self, path: Path, weights, optimizer, info, config, rng) -> None:
         from safetensors.torch import save_file

@@ -1,7 +1,7 @@
 """Rollout engines behind one interface (`base.Engine`): our torch sampler, and vLLM where it is installed."""
 from __future__ import annotations
 
-from grpo.engines.base import served_weights_match
+from grpo.engines.base import probe_gap, served_weights_match
 from grpo.errors import ModelError
 
 
@@ -31,30 +31,34 @@ def make_engine(engine_cfg, model: str, device: str, checkpoint: str = "", seed:
     return TorchEngine.load(engine_cfg, model, device, checkpoint, progress)
 
 
-def publish(engine, weights, version: int, probe, expected: list[float]) -> dict:
+def publish(engine, weights, version: int, probe, expected: list[float], floor: float = 0.0) -> dict:
     """New weights into a running engine, verified: weights() yields (HF name, tensor); expected is the trainer's
-    probe logprobs for them. In place first; if the probe disagrees, the engine is rebuilt on the weights (with a
-    warning, once: an engine that cannot update in place is rebuilt directly from then on). Returns timings."""
+    probe logprobs for them; floor is the probe gap measured while engine and trainer held the same weights (their
+    precision difference), so the check allows max(engine.tolerance, 2 x floor). In place first; if the probe
+    disagrees, the engine is rebuilt on the weights (with a warning, once: an engine that cannot update in place is
+    rebuilt directly from then on). Returns timings."""
     import time
     import warnings
 
     started = time.perf_counter()
     rebuilt = 0
+    tolerance = max(engine.tolerance, 2 * floor)
     if getattr(engine, "in_place", True):
         engine.update_weights(weights(), version)
         served = engine.probe_logprobs(probe)
-    if not getattr(engine, "in_place", True) or not served_weights_match(served, expected, engine.tolerance):
+    if not getattr(engine, "in_place", True) or not served_weights_match(served, expected, tolerance):
         if not hasattr(engine, "rebuild"):
-            raise ModelError("the engine does not serve the weights the trainer handed over (probe logprobs differ); "
-                             "pass backend=hf")
+            raise ModelError(f"the engine does not serve the weights the trainer handed over (probe gap "
+                             f"{probe_gap(served, expected):.3g} nats, allowed {tolerance:.3g}); pass backend=hf")
         if getattr(engine, "in_place", True):
-            gap = max(abs(a - b) for a, b in zip(served, expected))
+            gap = probe_gap(served, expected)
             warnings.warn(f"{engine.name} did not take new weights in place (probe gap {gap:.3g} nats); it is rebuilt "
                           "on them instead, now and from here on", RuntimeWarning, stacklevel=2)
             engine.in_place = False
         engine.rebuild(weights(), version)
         served, rebuilt = engine.probe_logprobs(probe), 1
-        if not served_weights_match(served, expected, engine.tolerance):
-            raise ModelError("the rebuilt engine does not serve the trainer's weights either; pass backend=hf")
+        if not served_weights_match(served, expected, tolerance):
+            raise ModelError(f"the rebuilt engine does not serve the trainer's weights either (probe gap "
+                             f"{probe_gap(served, expected):.3g} nats, allowed {tolerance:.3g}); pass backend=hf")
     return {"handoff_seconds": time.perf_counter() - started, "engine_rebuilt": rebuilt,
-            "probe_gap": max((abs(a - b) for a, b in zip(served, expected)), default=0.0)}
+            "probe_gap": probe_gap(served, expected)}
