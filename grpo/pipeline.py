@@ -119,6 +119,11 @@ class Chain:
             self.trained = i + 1
             self.hand_over()
 
+    def export_policy(self, folder: Path) -> None:
+        """The policy the engine serves now, as a bf16 Hugging Face folder (for a logged model)."""
+        self.start_trainer()
+        self.trainer.export(folder)
+
     def save(self, i: int) -> None:
         """Full state of iteration i in the background (the trainer prunes older checkpoints once it is complete);
         rows only replay needs are dropped once the previous checkpoint is complete."""
@@ -204,6 +209,8 @@ def run_main(cfg, folder: Path | None = None, changes: dict | None = None, on_lo
         mlflow.set_tag("grpo.work_dir", str(folder))
         remove_partials(folder)
         chain = Chain(cfg, folder, None)
+        if not state.data["done"]:
+            tracking.log_datasets(chain.ws.splits, cfg.evaluation)
         progress = _Progress(cfg, chain, on_logged)
         chain.runner = StageRunner(run.info.run_id, run.info.experiment_id, state, progress.logged)
         try:
@@ -222,8 +229,18 @@ def _loop(cfg, chain: Chain, state: RunState) -> dict:
     run, loop, started = chain.runner.run, cfg.loop, time.monotonic()
     parent, every = chain.runner.parent, cfg.evaluation.test_every_n_iterations
     due = lambda i: i == 0 or i == loop.max_iterations or (every and i % every == 0)  # noqa: E731
-    evaluate = lambda i: run(Stage(f"evaluate-{i}", i, lambda r: chain.evaluate(i, r),  # noqa: E731
-                                   PARENT_METRICS["evaluate"]))
+    from grpo.registry import PolicyKeeper
+
+    keeper = PolicyKeeper(cfg.tracking.log_models, "val_accuracy" if cfg.evaluation.val_limit else "test_accuracy",
+                          chain.export_policy, chain.folder, state)
+
+    def evaluate(i: int) -> dict:
+        fresh = not state.done(f"evaluate-{i}")
+        metrics = run(Stage(f"evaluate-{i}", i, lambda r: chain.evaluate(i, r), PARENT_METRICS["evaluate"]))
+        if fresh:  # the weights evaluated are the ones in memory now
+            keeper.evaluated(i, {k: v for k, v in metrics.items() if k in PARENT_METRICS["evaluate"]})
+        return metrics
+
     chain.ws.check_prompt_fits()
     chain.replay(state.done)
     evaluations = [evaluate(0)]
@@ -254,18 +271,26 @@ def _loop(cfg, chain: Chain, state: RunState) -> dict:
         chain.save(chain.trained - 1)  # stopped between checkpoints, or replayed past the newest one
     log_learning_curve(parent)
     last = evaluations[-1]
+    kept = keeper.finish(chain.trained, {k: v for k, v in last.items() if k in PARENT_METRICS["evaluate"]})
+    if kept:
+        import mlflow
+
+        mlflow.set_tag("grpo.model_id", kept)
+        if cfg.tracking.register_as:
+            from grpo.registry import register
+
+            version = register(kept, cfg.tracking.register_as)
+            _say(f"registered as models:/{cfg.tracking.register_as}@best (version {version})")
     return {k: last[k] for k in ("val_accuracy", "test_accuracy", "test_boxed_rate") if k in last}
 
 
 def _finish(chain: Chain, state: RunState) -> None:
-    """A finished run needs no resume state: its final weights go to MLflow, the folder keeps state.json only."""
-    import mlflow
-
-    final = latest_checkpoint(chain.folder)
-    if final is not None:
-        mlflow.log_artifacts(str(final), "checkpoint")
+    """A finished run needs no resume state: the policy it keeps is a logged model in MLflow, and the folder
+    keeps state.json only; with log_models=none the final checkpoint stays in the folder instead."""
     state.set("finished", True)
-    for kind in ("checkpoints", "rollouts", "annotated"):
+    kinds = ("rollouts", "annotated") if chain.cfg.tracking.log_models == "none" else ("checkpoints", "rollouts",
+                                                                                         "annotated")
+    for kind in kinds:
         shutil.rmtree(chain.folder / kind, ignore_errors=True)
 
 

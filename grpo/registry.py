@@ -1,33 +1,32 @@
 """Policies as MLflow 3 logged models: the weights of an evaluated policy become a `transformers` logged model of
-the main run (step = iterations trained), its evaluation metrics are linked to it (`model_id`), so
-`mlflow.search_logged_models` and the UI's Models tab rank checkpoints; the best one can be registered.
+the main run (step = iterations trained), with that evaluation's metrics linked to it (`model_id`), so
+`mlflow.search_logged_models` and the UI's Models tab rank checkpoints; the kept one can be registered.
 
-Which policies are kept is `log_models`: 'best' (the best validation accuracy so far, or test accuracy without a
-validation split; one model at the end), 'last', 'every' evaluation, or 'none': a 1B model is gigabytes."""
+Which policies are kept is `log_models`: 'best' (the best validation accuracy, or test accuracy without a
+validation split; its weights wait in the run folder, so a killed run keeps it, and it is logged once at the
+end), 'last', 'every' evaluation, or 'none' (a 1B model is gigabytes each). The base model (step 0) is never
+logged: it is what the run started from."""
 from __future__ import annotations
 
 import shutil
 import tempfile
 from pathlib import Path
 
-TASK = "llm/v1/chat"  # served by `mlflow models serve` as a chat endpoint; loads as a text-generation pipeline
+TASK = "llm/v1/chat"  # `mlflow models serve` answers chat requests; loads as a text-generation pipeline
 
 
-def selection_metric(evaluation) -> str:
-    return "val_accuracy" if evaluation.val_limit else "test_accuracy"
-
-
-def log_policy(folder: Path, step: int, metrics: dict[str, float], name: str = "policy") -> str:
-    """Log the HF model folder as a logged model of the active run at `step`, link `metrics` to it; its id."""
+def log_policy(folder: Path, step: int, metrics: dict[str, float]) -> str:
+    """Log an HF model folder as a logged model of the active run at `step`, link `metrics` to it; its id."""
     import mlflow
 
-    info = mlflow.transformers.log_model(transformers_model=str(folder), name=name, task=TASK, step=step,
-                                         pip_requirements=[], tags={"grpo.iterations": str(step)})
+    info = mlflow.transformers.log_model(transformers_model=str(folder), name=f"policy-{step:04d}", task=TASK,
+                                         step=step, pip_requirements=[], tags={"grpo.iterations": str(step)})
+    mlflow.clear_active_model()  # else MLflow links every later metric of the run to this model
     mlflow.log_metrics(metrics, step=step, model_id=info.model_id)
     return info.model_id
 
 
-def register_best(run_id: str, model_id: str, name: str) -> int:
+def register(model_id: str, name: str) -> int:
     """Register a logged model under `name` with the alias 'best'; returns the version."""
     import mlflow
 
@@ -37,38 +36,42 @@ def register_best(run_id: str, model_id: str, name: str) -> int:
 
 
 class PolicyKeeper:
-    """Decides, at each evaluation, which policy weights to keep, and logs them as models."""
+    """Decides at each fresh evaluation which policy to keep; logs the kept ones as models."""
 
-    def __init__(self, mode: str, metric: str, export):
-        self.mode, self.metric, self.export = mode, metric, export  # export(folder) writes the current weights
-        self.best: tuple[float, int, dict] | None = None
-        self.folder = Path(tempfile.mkdtemp(prefix="grpo-best-"))
-        self.logged: dict[int, str] = {}
+    def __init__(self, mode: str, metric: str, export, folder: Path, state):
+        self.mode, self.metric, self.export, self.state = mode, metric, export, state  # export(folder): weights
+        self.best_folder = Path(folder) / "best-policy"
 
     def evaluated(self, step: int, metrics: dict[str, float]) -> None:
+        if step == 0 or self.mode in ("none", "last"):
+            return
         if self.mode == "every":
-            self._log_now(step, metrics)
-        elif self.mode == "best" and step > 0 and self.metric in metrics:
-            if self.best is None or metrics[self.metric] > self.best[0]:
-                shutil.rmtree(self.folder, ignore_errors=True)
-                self.export(self.folder)
-                self.best = (metrics[self.metric], step, metrics)
+            self.state.set(f"model-{step}", self._log_current(step, metrics))
+            return
+        best = self.state.data.get("best_policy")
+        if self.metric in metrics and (best is None or metrics[self.metric] > best["value"]):
+            tmp = self.best_folder.with_name(".tmp-best-policy")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.export(tmp)
+            shutil.rmtree(self.best_folder, ignore_errors=True)
+            tmp.rename(self.best_folder)
+            self.state.set("best_policy", {"value": metrics[self.metric], "step": step, "metrics": metrics})
 
     def finish(self, step: int, metrics: dict[str, float]) -> str | None:
-        """Log what the mode keeps; return the model id of the best (or last) policy."""
-        try:
-            if self.mode == "last":
-                return self._log_now(step, metrics)
-            if self.mode == "best" and self.best is not None:
-                return log_policy(self.folder, self.best[1], self.best[2])
-            if self.mode == "every" and self.logged:
-                return self.logged[max(self.logged)]
-            return None
-        finally:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        """Log what the mode keeps; the model id of the kept policy (best, last, or newest of every)."""
+        if self.mode == "last" and step > 0:
+            return self._log_current(step, metrics)
+        if self.mode == "best" and self.state.data.get("best_policy"):
+            best = self.state.data["best_policy"]
+            model_id = log_policy(self.best_folder, best["step"], best["metrics"])
+            shutil.rmtree(self.best_folder, ignore_errors=True)
+            return model_id
+        if self.mode == "every":
+            logged = {int(k.split("-")[1]): v for k, v in self.state.data.items() if k.startswith("model-")}
+            return logged[max(logged)] if logged else None
+        return None
 
-    def _log_now(self, step: int, metrics: dict[str, float]) -> str:
+    def _log_current(self, step: int, metrics: dict[str, float]) -> str:
         with tempfile.TemporaryDirectory(prefix="grpo-policy-") as tmp:
             self.export(Path(tmp))
-            self.logged[step] = log_policy(Path(tmp), step, metrics)
-        return self.logged[step]
+            return log_policy(Path(tmp), step, metrics)

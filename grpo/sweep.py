@@ -106,7 +106,8 @@ def run_sweep(cfg, pruner=None):
     study = open_study(cfg, pruner)
     params = cfg.as_params("sweep") | {"storage": tracking.redact(storage_url(cfg.sweep))}
     with tracking.stage_run("sweep", params, run_name=f"sweep-{cfg.sweep.study_name}",
-                            tags={"optuna.study": cfg.sweep.study_name}) as sweep_run:
+                            tags={"optuna.study": cfg.sweep.study_name},
+                            system_metrics=cfg.tracking.system_metrics) as sweep_run:
         for _ in range(cfg.sweep.n_trials):
             _run_trial(study, cfg, sweep_run.info.experiment_id)
         _log_summary(study, cfg)

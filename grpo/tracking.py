@@ -132,11 +132,14 @@ def log_params(params: dict[str, str], run_id: str | None = None) -> None:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: dict[str, str], run_name: str | None = None, tags: dict | None = None):
-    """Start (or, under `mlflow run`, continue) the run of one entry point and log its params."""
+def stage_run(stage: str, params: dict[str, str], run_name: str | None = None, tags: dict | None = None,
+              system_metrics: bool = False):
+    """Start (or, under `mlflow run`, continue) the run of one entry point and log its params; system_metrics:
+    MLflow samples CPU, memory and (with nvidia-ml-py) GPU use into it."""
     import mlflow
 
-    with mlflow.start_run(run_name=run_name or stage, tags={"grpo.stage": stage, **(tags or {})}) as run:
+    with mlflow.start_run(run_name=run_name or stage, tags={"grpo.stage": stage, **(tags or {})},
+                          log_system_metrics=system_metrics or None) as run:
         log_params(params)
         open_ui_on_runs(run.info.experiment_id)
         with killed_on_interrupt():
@@ -213,3 +216,22 @@ def log_metrics(metrics: dict[str, float], step: int, prefix: str = "", run_id: 
         mlflow.MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
     else:
         mlflow.log_metrics(values, step=step)
+
+
+def log_datasets(splits, evaluation) -> None:
+    """The splits a run uses as MLflow dataset inputs (name, source, digest, contexts training / validation /
+    evaluation), so runs on other data, or other held-out splits, are told apart in the UI."""
+    import mlflow
+
+    try:
+        import pandas as pd
+    except ImportError:  # a slim install (mlflow-skinny) without pandas: lineage is skipped, the run goes on
+        return
+    parts = [("train", splits.pool, "training"), ("test", splits.test, "evaluation")]
+    if evaluation.val_limit:
+        parts.insert(1, ("validation", splits.validation, "validation"))
+    for split, problems, context in parts:
+        frame = pd.DataFrame({"id": [p.id for p in problems], "question": [p.question for p in problems],
+                              "answer": [p.answer for p in problems]})
+        data = mlflow.data.from_pandas(frame, source=splits.source, name=f"gsm8k-{split}", targets="answer")
+        mlflow.log_input(data, context=context)

@@ -173,7 +173,7 @@ class Trainer:
             metrics = {"loss": sums["loss"], "kl": sums["kl_sum"] / n, "clip_fraction": sums["clipped"] / n,
                        "ratio_mean": sums["ratio_sum"] / n, "ratio_max": sums["ratio_max"], "grad_norm": grad_norm,
                        "learning_rate": lr, "sequences": step_sequences,
-                       "tokens_per_s": trained / (time.perf_counter() - step_started)}
+                       "tokens_per_s": trained / (time.perf_counter() - step_started), **_gpu_figures(device)}
             summary = metrics
             yield {"step": self.step, "metrics": metrics}
         self.iteration = iteration
@@ -218,6 +218,24 @@ class Trainer:
         bf16 = torch.autocast("cuda", dtype=torch.bfloat16) if self.device == "cuda" else contextlib.nullcontext()
         with bf16:
             return sequence_logprobs(self.model, packed, 1.0).tolist()
+
+    @torch.no_grad()
+    def export(self, folder: Path) -> None:
+        """The current policy as a Hugging Face folder in bf16 (what a logged model keeps), written synchronously."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        seen, weights = set(), {}
+        for name, tensor in self.model.state_dict().items():
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                weights[name] = tensor.detach().to("cpu", torch.bfloat16).contiguous()
+        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        config = self.model.config.to_dict() | {"dtype": "bfloat16"}
+        (folder / "config.json").write_text(json.dumps(config, indent=1))
+        self.model.generation_config.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
 
     # --- full state to disk ---
 
@@ -278,6 +296,19 @@ class Trainer:
         if self.write_error is not None:
             error, self.write_error = self.write_error, None
             raise error
+
+
+def _gpu_figures(device: str) -> dict[str, float]:
+    """The trainer's own GPU, reported into its finetune runs (MLflow's system metrics watch the main process)."""
+    if device != "cuda":
+        return {}
+    figures = {"gpu_memory_gib": torch.cuda.memory_allocated() / 2**30,
+               "gpu_reserved_gib": torch.cuda.memory_reserved() / 2**30}
+    try:
+        figures["gpu_utilization_percentage"] = float(torch.cuda.utilization())
+    except Exception:  # needs nvidia-ml-py
+        pass
+    return figures
 
 
 def _to_cpu(value):

@@ -103,6 +103,10 @@ class TrainerClient:
         """Iterator of (name, tensor) of the worker's current policy, in memory."""
         return _receive(self._ask({"op": "weights"}, "handing the new weights over")["weights"], self)
 
+    def export(self, folder: Path) -> None:
+        """The current policy written as a bf16 Hugging Face folder (for a logged model)."""
+        self._ask({"op": "export", "path": str(folder)}, "exporting the policy")
+
     def save(self, path: Path) -> None:
         self._ask({"op": "save", "path": str(path)}, "checkpoint")
 
@@ -236,6 +240,9 @@ def serve() -> None:
                 reply({"probe": trainer.probe_logprobs(probe)})
             elif op == "weights":
                 reply({"weights": exporter.export(trainer)})
+            elif op == "export":
+                trainer.export(Path(request["path"]))
+                reply({"exported": request["path"]})
             elif op == "save":
                 trainer.save(Path(request["path"]))
                 reply({"saving": request["path"]})

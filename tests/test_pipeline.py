@@ -61,7 +61,9 @@ def test_main_two_iterations_with_real_smollm2(store):
     assert steps("val_accuracy") == [0, 1, 2] and steps("train_reward_mean") == [0, 1]
     assert steps("time_finetune") == [0, 1] and steps("weights_handoff_seconds") == [0, 1]
     artifacts = lambda run, path=None: [a.path for a in client.list_artifacts(run.info.run_id, path)]  # noqa: E731
-    assert "learning_curve.png" in artifacts(parent) and "checkpoint" in artifacts(parent)
+    assert "learning_curve.png" in artifacts(parent)
+    (policy,) = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list")
+    assert policy.source_run_id == parent.info.run_id and parent.data.tags["grpo.model_id"] == policy.model_id
     assert "rollouts/iter-0001.jsonl" in artifacts(by_name["rollout-1"], "rollouts")
     rows = [json.loads(line) for line in open(client.download_artifacts(by_name["rollout-0"].info.run_id,
                                                                         "rollouts/iter-0000.jsonl"))]
@@ -106,7 +108,7 @@ def test_killed_at_every_stage_of_every_iteration_and_resumed_each_time(store, p
     iteration, each kill landing in the resume of the one before; the last resume finishes the run, which must
     then equal an uninterrupted run bit for bit (CPU arithmetic is deterministic)."""
     args = [*TINY, "--model", primed_model_dir, "--dataset", digits_dataset, "--max_iterations", "4",
-            "--checkpoint_every", "2", "--learning_rate", "1e-3"]
+            "--checkpoint_every", "2", "--learning_rate", "1e-3", "--log_models", "last", "--system_metrics", "false"]
     env = {"GRPO_CPU_BF16": "0"}
     run_entry("main", *args, "--work_dir", "reference", env=env)
     kill_points = [key for i in range(4) for key in (f"rollout-{i}", f"annotate-{i}", f"finetune-{i}",
@@ -125,11 +127,10 @@ def test_killed_at_every_stage_of_every_iteration_and_resumed_each_time(store, p
     assert killed == sorted(kill_points)
     (reference,) = [r for r in runs_of(store)[1] if r.data.tags.get("grpo.stage") == "main" and r.info.run_id != run_id]
     assert client.get_run(run_id).data.metrics["kl"] == reference.data.metrics["kl"]
-    weights = [Path(client.download_artifacts(r, "checkpoint/model.safetensors")).read_bytes()
-               for r in (run_id, reference.info.run_id)]
-    assert weights[0] == weights[1]
-    info = json.loads(Path(client.download_artifacts(run_id, "checkpoint/grpo_checkpoint.json")).read_text())
-    assert info["iteration"] == 3 and info["global_step"] > 0
+    weights = [Path(mlflow.artifacts.download_artifacts(f"models:/{client.get_run(r).data.tags['grpo.model_id']}"))
+               / "model" / "model.safetensors" for r in (run_id, reference.info.run_id)]
+    assert weights[0].read_bytes() == weights[1].read_bytes()
+    assert client.get_run(run_id).data.metrics["time_finetune"] > 0
     assert sorted(os.listdir(Path("grpo_runs") / run_id)) == ["lock", "state.json"]  # the folder was cleaned
 
 

@@ -46,11 +46,14 @@ def test_experiment_page_lists_nested_runs_and_renders_accuracy_chart(store, tin
     from selenium.webdriver.common.by import By
 
     driver = _browser()
-    run_entry("main", "--model", tiny_model_dir, "--backend", "hf", "--problems", "2", "--attempts", "2",
-              "--max_new_tokens", "6", "--eval_limit", "2", "--train_batch_size", "4", "--max_iterations", "1")
+    tiny = ["--model", tiny_model_dir, "--backend", "hf", "--problems", "2", "--attempts", "2", "--max_new_tokens", "6",
+            "--eval_limit", "2", "--val_limit", "2", "--train_batch_size", "4", "--max_iterations", "1"]
+    run_entry("main", *tiny)
+    run_entry("sweep", *tiny, "--n_trials", "2", "--log_models", "last", "--storage", f"sqlite:///{tmp_path}/o.db")
     client = mlflow.MlflowClient()
-    (main,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
-               if r.data.tags.get("grpo.stage") == "main"]
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (main,) = [r for r in runs if r.data.tags.get("grpo.stage") == "main"]
+    (sweep,) = [r for r in runs if r.data.tags.get("grpo.stage") == "sweep"]
     experiment = main.info.experiment_id
     port = _free_port()
     log = (tmp_path / "server.log").open("w")
@@ -81,6 +84,20 @@ def test_experiment_page_lists_nested_runs_and_renders_accuracy_chart(store, tin
 
         wait_until(accuracy_line, "the plotted test_accuracy chart", 120)
         driver.save_screenshot(str(SCREENSHOTS / "mlflow_ui_test_accuracy.png"))
+
+        # the sweep: its overlay of every trial's curves, and the trials' policies as logged models
+        driver.get(f"{base}/#/experiments/{experiment}/runs/{sweep.info.run_id}/artifacts")
+        wait_until(lambda: driver.find_element(By.XPATH, "//*[normalize-space(text())='sweep_curves.png']"),
+                   "the sweep figure in the artifact list").click()
+        drawn = lambda: [i for i in driver.find_elements(By.TAG_NAME, "img")  # noqa: E731
+                         if (i.get_attribute("naturalWidth") or "0").isdigit() and int(i.get_attribute("naturalWidth"))
+                         > 400]
+        wait_until(drawn, "the sweep figure drawn", 60)
+        driver.save_screenshot(str(SCREENSHOTS / "mlflow_ui_sweep_curves.png"))
+        driver.get(f"{base}/#/experiments/{experiment}/models")
+        policies = lambda: {e.text for e in driver.find_elements(By.XPATH, "//a[starts-with(text(), 'policy-')]")}  # noqa
+        wait_until(lambda: "policy-0001" in policies(), "the logged policies in the Models tab", 120)
+        driver.save_screenshot(str(SCREENSHOTS / "mlflow_ui_models.png"))
     finally:
         driver.quit()
         os.killpg(server.pid, signal.SIGTERM)  # the server we started, and its workers
