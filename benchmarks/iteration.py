@@ -77,7 +77,8 @@ def read_run(store: Path) -> tuple[dict, dict]:
     series = {key: {m.step: (m.value, m.timestamp) for m in client.get_metric_history(main.info.run_id, key)}
               for key in main.data.metrics}
     finetunes = {int(r.info.run_name.rsplit("-", 1)[1]): r.data.metrics for r in runs
-                 if r.data.tags.get("mlflow.parentRunId") == main.info.run_id and r.info.run_name.startswith("finetune")}
+                 if r.data.tags.get("mlflow.parentRunId") == main.info.run_id
+                 and r.info.run_name.startswith("finetune")}
     return series, finetunes
 
 

@@ -9,27 +9,6 @@ import sys
 from typing import Callable
 
 
-def quiet(tracking: bool = True) -> None:
-    """Only warnings the user can act on: not the libraries' deprecation, experimental or flush notices.
-    tracking=False: a process that never imports MLflow (the trainer) need not pay for importing it here."""
-    import logging
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
-        warnings.filterwarnings("ignore", category=category)
-    warnings.filterwarnings("ignore", message=r".*(experimental|Experimental).*")
-    warnings.filterwarnings("ignore", module=r"(mlflow|optuna|transformers|torch|vllm)\b")
-    if tracking:
-        import mlflow  # noqa: F401  (configures its loggers on import: set their levels after that)
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    for name in ("mlflow", "optuna", "alembic", "vllm", "urllib3", "httpx", "huggingface_hub", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def _interrupt(signum, frame):
     """Ctrl-C, or SIGTERM (`mlflow run` cancelling its child on Ctrl-C): end the run as interrupted. Later signals
     are ignored, so that marking the runs KILLED is not itself interrupted."""
@@ -42,6 +21,8 @@ def run_entrypoint(entry_point: str, body: Callable, argv: list[str] | None = No
     """body(cfg, on_interrupt) where on_interrupt is a dict the body may fill with a 'resume' command line."""
     from grpo.config import parse_args
     from grpo.errors import GrpoError
+
+    from grpo.console import quiet
 
     cfg = parse_args(entry_point, argv)
     quiet()

@@ -141,8 +141,8 @@ class Optim(Section):
 class Evaluation(Section):
     """Greedy evaluations during main: held-out validation (what sweeps tune on) and test (what is reported)."""
     eval_limit: int = knob(32, "Test problems per evaluation (0 = all 1319).", low=0)
-    val_limit: int = knob(32, "Validation problems per evaluation (0 = none; the split is 500 train problems never "
-                          "sampled by rollouts).", low=0)
+    val_limit: int = knob(16, "Validation problems per evaluation (0 = none; the split is 500 train problems never "
+                          "sampled by rollouts; sweeps tune on it, so give it more on a GPU).", low=0)
     test_every_n_iterations: int = knob(1, "Evaluate every N iterations (plus at the start and end; 0 = start/end "
                                         "only).", low=0)
     trace_samples: int = knob(4, "Generations logged as MLflow traces per stage.", low=0)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from grpo import stages, tracking
+from grpo.console import say
 from grpo.artifacts import (RunLock, RunState, checkpoint_info, checkpoint_path, latest_checkpoint, read_jsonl,
                             remove_partials, write_jsonl)
 from grpo.runner import Stage, StageRunner
@@ -165,17 +166,16 @@ def logged_annotate(ws, rows: list[dict], i: int, out: Path) -> dict:
 
 
 def logged_evaluate(ws, step: int, limits: dict[str, int]) -> dict:
-    """Greedy evaluation of each split in `limits` ('val', 'test'; limit 0 = all of test, none of val)."""
+    """Greedy evaluation of the splits in `limits` ('val', 'test'; limit 0 = all of test, none of val), in one
+    batch for the engine."""
+    chosen = {split: (ws.splits.validation if split == "val" else ws.splits.test)[:limit or None]
+              for split, limit in limits.items() if limit or split == "test"}
+    results = stages.evaluate_splits(ws.engine, ws.builder, chosen, ws.cfg.engine.max_new_tokens)
     metrics = {}
-    for split, limit in limits.items():
-        if split == "val" and not limit:
-            continue
-        problems = ws.splits.validation if split == "val" else ws.splits.test
-        rows, m = stages.evaluate(ws.engine, ws.builder, problems[:limit] if limit else problems,
-                                  ws.cfg.engine.max_new_tokens, prefix=split)
+    for split, (rows, m) in results.items():
         metrics |= m
         tracking.log_table(rows, f"eval/{split}_step_{step:04d}.json", TABLE_COLUMNS)
-        if split == "test" or len(limits) == 1:
+        if split == "test" or len(results) == 1:
             tracking.log_traces(rows, "evaluate", ws.cfg.evaluation.trace_samples, step=step)
     tracking.log_metrics(metrics, step=step)
     return metrics
@@ -280,7 +280,7 @@ def _loop(cfg, chain: Chain, state: RunState) -> dict:
             from grpo.registry import register
 
             version = register(kept, cfg.tracking.register_as)
-            _say(f"registered as models:/{cfg.tracking.register_as}@best (version {version})")
+            say(f"registered as models:/{cfg.tracking.register_as}@best (version {version})")
     return {k: last[k] for k in ("val_accuracy", "test_accuracy", "test_boxed_rate") if k in last}
 
 
@@ -311,15 +311,9 @@ class _Progress:
                     f"(reward {m.get('train_reward_mean', 0):+.2f}, boxed {m.get('train_boxed_rate', 0):.0%}), "
                     f"annotate {m['time_annotate']:.1f}s (signal {m.get('signal_fraction', 0):.0%}), "
                     f"finetune {m['time_finetune']:.1f}s (kl {m.get('kl', 0):.4f})")
-            _say(line)
+            say(line)
         if "time_evaluate" in metrics:
             parts = [f"{k.split('_')[0]} accuracy {metrics[k]:.1%}" for k in ("val_accuracy", "test_accuracy")
                      if k in metrics]
-            _say(f"evaluation after {step} iterations: " + ", ".join(parts) +
+            say(f"evaluation after {step} iterations: " + ", ".join(parts) +
                  f" (test boxed {metrics.get('test_boxed_rate', 0):.0%}, {metrics['time_evaluate']:.1f}s)")
-
-
-def _say(line: str) -> None:
-    from tqdm.auto import tqdm
-
-    tqdm.write(line, file=sys.stderr)

@@ -6,7 +6,6 @@ split (objective `val_accuracy` by default) over evaluations after step 0, the o
 accuracy is logged beside it and never used to choose."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from grpo.errors import ConfigError, TrackingError
@@ -173,7 +172,9 @@ def _run_trial(study, cfg, experiment_id: str) -> None:
 
 
 def _say(line: str) -> None:
-    print(f"grpo sweep: {line}", file=sys.stderr)
+    from grpo.console import say
+
+    say(f"grpo sweep: {line}")
 
 
 def _log_summary(study, cfg) -> None:

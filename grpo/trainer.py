@@ -106,84 +106,89 @@ class Trainer:
     def train(self, rows: list[dict], iteration: int, seed: int, total_steps: int) -> Iterator[dict]:
         """One finetune stage. Yields {"step": n, "metrics": {...}} after each optimiser step and returns the
         stage's summary. Temperature and max_new_tokens are read from the rows (what rollout used)."""
-        from grpo.loss import grpo_loss, token_weights, truncated_is_weight
-        from grpo.scoring import autocast, pack, sequence_logprobs
-
-        optim, device = self.optim, self.device
         self._snapshot_taken.wait()  # a checkpoint copying the weights out must finish copying before they change
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         kept = trainable(rows)
-        temperature = rows[0]["temperature"] if rows else 1.0
-        max_tokens = rows[0]["max_new_tokens"] if rows else 1
-        steps = plan_steps(kept, optim, seed, iteration)
-        old = self._trainer_old_logprobs(kept, steps, temperature) if optim.old_logprobs == "trainer" else None
-        gap = _Gap(optim)
+        context = {"temperature": rows[0]["temperature"] if rows else 1.0,
+                   "max_tokens": rows[0]["max_new_tokens"] if rows else 1, "gap": _Gap(self.optim)}
+        steps = plan_steps(kept, self.optim, seed, iteration)
+        if self.optim.old_logprobs == "trainer":
+            context["old"] = self._trainer_old_logprobs(kept, steps, context["temperature"])
         started, tokens_done, summary = time.perf_counter(), 0, {}
         for batches in steps:
             step_started = time.perf_counter()
             step_rows = [kept[i] for batch in batches for i in batch]
-            step_sequences, step_tokens = len(step_rows), sum(len(r["completion_ids"]) for r in step_rows)
-            sums = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0, "ratio_sum": 0.0, "ratio_max": 0.0, "tokens": 0}
-            zero = torch.zeros((), device=device)
-            for batch in batches:
-                chosen = [kept[i] for i in batch]
-                packed = pack([r["prompt_ids"] for r in chosen], [r["completion_ids"] for r in chosen], device)
-                flat = lambda key: torch.tensor([x for r in chosen for x in r[key]], device=device)  # noqa: E731
-                sampler = flat("logprobs")
-                adv = torch.tensor([r["advantage"] for r in chosen], device=device)[packed.seq]
-                weights = token_weights(packed.seq, packed.seq_tokens, optim.loss_reduction, step_sequences,
-                                        step_tokens, max_tokens)
-                with autocast(device):
-                    new = sequence_logprobs(self.model, packed, temperature)
-                if old is None:
-                    old_logp, is_weight = sampler, None
-                else:
-                    old_logp = torch.cat([old[i] for i in batch])
-                    is_weight = truncated_is_weight(old_logp, sampler, optim.tis_cap)
-                if gap.pending:
-                    gap.add(new.detach(), sampler)
-                loss, m = grpo_loss(new, old_logp, flat("ref_logprobs"), adv, weights, optim.epsilon,
-                                    optim.epsilon_high, optim.kl_coef, is_weight)
-                loss.backward()
-                sums["loss"] = loss.detach() + sums["loss"]
-                sums["ratio_max"] = torch.maximum(zero + sums["ratio_max"], m.pop("ratio_max"))
-                for k, v in m.items():
-                    sums[k] += v
-            gap.pending = False
-            sums = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in sums.items()}  # one sync a step
-            if not math.isfinite(sums["loss"]):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NumericsError(f"loss is {sums['loss']} at optimiser step {self.step}; nothing of it was kept. "
-                                    "Lower learning_rate or kl_coef")
-            lr = learning_rate(optim, self.step, total_steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), optim.grad_clip).item()
-            if not math.isfinite(grad_norm):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NumericsError(f"gradient norm is {grad_norm} at optimiser step {self.step}; nothing of it was "
-                                    "kept. Lower learning_rate")
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
+            sums = self._accumulate(kept, batches, step_rows, context)
+            lr, grad_norm = self._update(sums, total_steps)
             trained = sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in step_rows)
             tokens_done += trained
             n = max(sums["tokens"], 1)
-            metrics = {"loss": sums["loss"], "kl": sums["kl_sum"] / n, "clip_fraction": sums["clipped"] / n,
+            summary = {"loss": sums["loss"], "kl": sums["kl_sum"] / n, "clip_fraction": sums["clipped"] / n,
                        "ratio_mean": sums["ratio_sum"] / n, "ratio_max": sums["ratio_max"], "grad_norm": grad_norm,
-                       "learning_rate": lr, "sequences": step_sequences,
-                       "tokens_per_s": trained / (time.perf_counter() - step_started), **_gpu_figures(device)}
-            summary = metrics
-            yield {"step": self.step, "metrics": metrics}
+                       "learning_rate": lr, "sequences": len(step_rows),
+                       "tokens_per_s": trained / (time.perf_counter() - step_started), **_gpu_figures(self.device)}
+            yield {"step": self.step, "metrics": summary}
         self.iteration = iteration
         seconds = time.perf_counter() - started
-        return {**{f"last_{k}": v for k, v in summary.items()}, **gap.metrics(),
-                           "optimizer_steps": len(steps), "global_step": self.step,
-                           "sequences_trained": len(kept), "sequences_skipped": len(rows) - len(kept),
-                           "seconds": seconds, "train_tokens_per_s": tokens_done / seconds if seconds else 0.0,
-                           "trained_tokens": tokens_done,
-                "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0}
+        return {**{f"last_{k}": v for k, v in summary.items()}, **context["gap"].metrics(),
+                "optimizer_steps": len(steps), "global_step": self.step, "sequences_trained": len(kept),
+                "sequences_skipped": len(rows) - len(kept), "seconds": seconds, "trained_tokens": tokens_done,
+                "train_tokens_per_s": tokens_done / seconds if seconds else 0.0,
+                "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if self.device == "cuda" else 0.0}
+
+    def _accumulate(self, rows, batches, step_rows, context) -> dict:
+        """Forward and backward over the micro-batches of one optimiser step, each weighted by the step's totals;
+        the step's loss and metric sums (one host sync)."""
+        from grpo.loss import grpo_loss, token_weights, truncated_is_weight
+        from grpo.scoring import autocast, pack, sequence_logprobs
+
+        optim, device, gap, old = self.optim, self.device, context["gap"], context.get("old")
+        step_tokens = sum(len(r["completion_ids"]) for r in step_rows)
+        sums = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0, "ratio_sum": 0.0, "tokens": 0,
+                "ratio_max": torch.zeros((), device=device)}
+        for batch in batches:
+            chosen = [rows[i] for i in batch]
+            packed = pack([r["prompt_ids"] for r in chosen], [r["completion_ids"] for r in chosen], device)
+            flat = lambda key: torch.tensor([x for r in chosen for x in r[key]], device=device)  # noqa: E731
+            sampler = flat("logprobs")
+            adv = torch.tensor([r["advantage"] for r in chosen], device=device)[packed.seq]
+            weights = token_weights(packed.seq, packed.seq_tokens, optim.loss_reduction, len(step_rows), step_tokens,
+                                    context["max_tokens"])
+            with autocast(device):
+                new = sequence_logprobs(self.model, packed, context["temperature"])
+            old_logp = sampler if old is None else torch.cat([old[i] for i in batch])
+            is_weight = None if old is None else truncated_is_weight(old_logp, sampler, optim.tis_cap)
+            if gap.pending:
+                gap.add(new.detach(), sampler)
+            loss, m = grpo_loss(new, old_logp, flat("ref_logprobs"), adv, weights, optim.epsilon,
+                                optim.epsilon_high, optim.kl_coef, is_weight)
+            loss.backward()
+            sums["loss"] = loss.detach() + sums["loss"]
+            sums["ratio_max"] = torch.maximum(sums["ratio_max"], m.pop("ratio_max"))
+            for k, v in m.items():
+                sums[k] += v
+        gap.pending = False
+        return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in sums.items()}
+
+    def _update(self, sums: dict, total_steps: int) -> tuple[float, float]:
+        """The optimiser step, unless the loss or the gradient is not finite (then nothing of the step is kept)."""
+        if not math.isfinite(sums["loss"]):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NumericsError(f"loss is {sums['loss']} at optimiser step {self.step}; nothing of it was kept. "
+                                "Lower learning_rate or kl_coef")
+        lr = learning_rate(self.optim, self.step, total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip).item()
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NumericsError(f"gradient norm is {grad_norm} at optimiser step {self.step}; nothing of it was "
+                                "kept. Lower learning_rate")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return lr, grad_norm
 
     @torch.no_grad()
     def _trainer_old_logprobs(self, rows, steps, temperature) -> dict[int, torch.Tensor]:

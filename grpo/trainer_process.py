@@ -211,7 +211,7 @@ def serve() -> None:
     `init` starts from the last complete checkpoint."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is main's to handle: it stops this process itself
     _die_with_parent()
-    from grpo.cli import quiet
+    from grpo.console import quiet
 
     quiet(tracking=False)
     replies = os.fdopen(os.dup(1), "w", buffering=1)

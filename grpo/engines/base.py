@@ -66,3 +66,19 @@ def probe_gap(served: list[float], new: list[float]) -> float:
 def stop_ids(model_config_eos, tokenizer) -> list[int]:
     ids = model_config_eos if isinstance(model_config_eos, list) else [model_config_eos]
     return sorted(i for i in set(ids) | {tokenizer.eos_token_id} if i is not None)
+
+
+def draw(logits, temperature: float, generator):
+    """Next token and its logprob under softmax(logits / T); T = 0 is greedy. logits [rows, V] float32."""
+    logp = torch.log_softmax(logits if temperature == 0 else logits / temperature, -1)
+    if temperature == 0:
+        token = logp.argmax(-1)
+    else:
+        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    return token, logp.gather(-1, token[:, None]).squeeze(-1)
+
+
+def completions(tokens, logps, lengths, done) -> list[Completion]:
+    tokens, logps, lengths, done = tokens.tolist(), logps.tolist(), lengths.tolist(), done.tolist()
+    return [Completion(tokens[r][:int(lengths[r])], logps[r][:int(lengths[r])], not done[r])
+            for r in range(len(tokens))]

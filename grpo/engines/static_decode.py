@@ -56,7 +56,7 @@ class StaticDecoder:
         return self.graphs[key]
 
     def decode(self, cache, logits, mask, next_pos, width, temperature, max_new_tokens, generator, stop, pad):
-        from grpo.engines.torch_engine import completions, draw
+        from grpo.engines.base import completions, draw
 
         rows = len(logits)
         shape = self._graph(rows, width, max_new_tokens)

@@ -9,14 +9,14 @@ from typing import Iterable
 
 import torch
 
-from grpo.engines.base import Completion, GenerationStats, Probe, stop_ids
+from grpo.engines.base import Completion, GenerationStats, Probe, completions, draw, stop_ids
 
 
 class TorchEngine:
     name = "hf"
 
     def __init__(self, model, tokenizer, batch_size: int = 64, progress: bool = True):
-        from grpo.engines import static_decode
+        from grpo.engines.static_decode import StaticDecoder, supported
 
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.progress = progress
@@ -25,7 +25,7 @@ class TorchEngine:
         self.version = 0
         self.tolerance = 1e-3 if model.dtype == torch.float32 else 0.05  # probe check: float32 vs bf16 serving
         # one preallocated cache for every call (rows and prompt widths are bucketed), GPU + Llama family only
-        self.static = static_decode.StaticDecoder(model, batch_size) if static_decode.supported(model) else None
+        self.static = StaticDecoder(model, batch_size) if supported(model) else None
         # transformers renamed `past_key_values` to `cache` (5.2x); accept either release
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -134,19 +134,3 @@ class TorchEngine:
             logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
         return completions(tokens, logps, lengths, done)
-
-
-def draw(logits, temperature: float, generator):
-    """Next token and its logprob under softmax(logits / T); T = 0 is greedy."""
-    logp = torch.log_softmax(logits if temperature == 0 else logits / temperature, -1)
-    if temperature == 0:
-        token = logp.argmax(-1)
-    else:
-        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
-    return token, logp.gather(-1, token[:, None]).squeeze(-1)
-
-
-def completions(tokens, logps, lengths, done) -> list[Completion]:
-    tokens, logps, lengths, done = tokens.tolist(), logps.tolist(), lengths.tolist(), done.tolist()
-    return [Completion(tokens[r][:int(lengths[r])], logps[r][:int(lengths[r])], not done[r])
-            for r in range(len(tokens))]

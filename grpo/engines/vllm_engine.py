@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ class VLLMEngine:
     def __init__(self, engine_cfg, model: str, device: str, checkpoint: str = "", seed: int = 0):
         # in-process engine: no worker process to leak when a run dies
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its INFO lines drown the run's own
         if device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; SmolLM2 at 4k tokens needs far less
         from vllm import LLM
@@ -117,7 +119,8 @@ class VLLMEngine:
         params = SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens,
                                 logprobs=0, seed=seed if temperature > 0 and self.per_request_seed else None)
         started = time.perf_counter()
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                    use_tqdm=sys.stderr.isatty())  # bars on a terminal only
         results = []
         for output in outputs:
             group = []
