@@ -138,12 +138,10 @@ class RunState:
         self.data["done"][key] = metrics
         self._save()
 
-    def started(self, key: str, run_id: str) -> str | None:
-        """Record the MLflow run now used for `key`; return the one a killed earlier attempt left, if any."""
-        stale = self.data["runs"].get(key)
+    def started(self, key: str, run_id: str) -> None:
+        """Record the MLflow run now used for `key`."""
         self.data["runs"][key] = run_id
         self._save()
-        return stale
 
     def set(self, key: str, value) -> None:
         self.data[key] = value

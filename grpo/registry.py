@@ -22,8 +22,22 @@ def log_policy(folder: Path, step: int, metrics: dict[str, float]) -> str:
     info = mlflow.transformers.log_model(transformers_model=str(folder), name=f"policy-{step:04d}", task=TASK,
                                          step=step, pip_requirements=[], tags={"grpo.iterations": str(step)})
     mlflow.clear_active_model()  # else MLflow links every later metric of the run to this model
-    mlflow.log_metrics(metrics, step=step, model_id=info.model_id)
+    link_metrics(mlflow.active_run().info.run_id, info.model_id, step, metrics)
     return info.model_id
+
+
+def link_metrics(run_id: str, model_id: str, step: int, metrics: dict[str, float]) -> None:
+    """Link the run's metrics at `step` to a logged model. A point the run already has is logged again with its
+    own timestamp and value: the store keeps it once in the run's history (same key, step, time and value) and
+    adds the link, so the run's charts never show an evaluation twice."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for key, value in metrics.items():
+        logged = [m for m in client.get_metric_history(run_id, key) if m.step == step]
+        point = max(logged, key=lambda m: m.timestamp) if logged else None
+        client.log_metric(run_id, key, point.value if point else value, step=step, model_id=model_id,
+                          timestamp=point.timestamp if point else None)
 
 
 def register(model_id: str, name: str) -> int:

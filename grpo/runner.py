@@ -1,6 +1,6 @@
 """One stage runner for the main chain: a stage is a small record (its key, its metric step, its body, which of
 its metrics the main run carries), and `StageRunner.run` owns everything around the body: the nested MLflow run
-and its params, marking a run that a dead process left RUNNING as KILLED, the resume state, and logging the
+and its params, the resume state, and logging the
 main run's metrics once per step. A stage that finished before (in a killed run) is not run again."""
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ class Stage:
 
 
 class StageRunner:
+    """Runs the stages of one main run; on creation, marks the stage runs a dead process left RUNNING as KILLED."""
+
     def __init__(self, parent_run_id: str, experiment_id: str, state: RunState,
                  on_logged: Callable[[int, dict], None] | None = None):
         from mlflow import MlflowClient
@@ -36,6 +38,15 @@ class StageRunner:
         self.client = MlflowClient()
         self.on_logged = on_logged  # (step, main-run metrics just logged): progress lines, sweep reports
         self._steps: dict[str, set[int]] = {}  # steps logged per main-run metric (this runner is its one writer)
+        self._end_orphans()
+
+    def _end_orphans(self) -> None:
+        """Stage runs a killed process left RUNNING end as KILLED. This process holds the run's lock, so any
+        RUNNING child is an orphan, including one created just before a kill, before the state recorded it."""
+        orphans = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent}' and "
+                                                                "attributes.status = 'RUNNING'")
+        for run in orphans:
+            self.client.set_terminated(run.info.run_id, "KILLED")
 
     def run(self, stage: Stage) -> dict:
         """Run the stage unless it finished before; return its metrics (with stage_seconds)."""
@@ -46,12 +57,10 @@ class StageRunner:
             started = time.perf_counter()
             with mlflow.start_run(run_name=stage.key, nested=True, experiment_id=self.experiment_id,
                                   tags={"grpo.stage": stage.name, "grpo.step": str(stage.step)}) as run:
-                stale = self.state.started(stage.key, run.info.run_id)
-                if stale and stale != run.info.run_id and self.client.get_run(stale).info.status == "RUNNING":
-                    self.client.set_terminated(stale, "KILLED")  # the process that owned it died
+                _failpoint(stage.key)  # the hardest moment: the run exists, the resume state does not know it yet
+                self.state.started(stage.key, run.info.run_id)
                 if stage.params:
                     tracking.log_params(stage.params)
-                _failpoint(stage.key)
                 with tracking.killed_on_interrupt():
                     metrics = stage.body(run.info.run_id)
             metrics["stage_seconds"] = time.perf_counter() - started

@@ -97,6 +97,38 @@ def setup() -> None:
         raise TrackingError(f"cannot use MLflow store {redact(uri)} ({type(e).__name__}: "
                             f"{redact(str(e).splitlines()[0][:150])}); set MLFLOW_TRACKING_URI to a writable "
                             "store") from None
+    end_runs_condaless_mlflow_run_left(name)
+
+
+def end_runs_condaless_mlflow_run_left(experiment_name: str) -> None:
+    """Plain `mlflow run .` on a machine without conda creates its run, then stops with MLflow's own error and
+    leaves the run RUNNING for ever. Such runs of this user (conda runs the project never started) are marked
+    FAILED, with a tag and a line saying the fix; with conda on this machine they may be setting up: left alone."""
+    import getpass
+    import shutil
+
+    import mlflow
+
+    if shutil.which("conda") or os.environ.get("MLFLOW_CONDA_HOME"):
+        return
+    client = mlflow.MlflowClient()
+    named = mlflow.get_experiment_by_name(experiment_name)
+    experiments = sorted({"0", *([named.experiment_id] if named else [])})
+    left = [r for r in client.search_runs(experiments, "attributes.status = 'RUNNING' and "
+                                                       "tags.`mlflow.project.env` = 'conda'")
+            if "grpo.stage" not in r.data.tags and r.data.tags.get("mlflow.user") == getpass.getuser()
+            and r.info.run_id != os.environ.get("MLFLOW_RUN_ID")]
+    for run in left:
+        client.set_tag(run.info.run_id, "grpo.note", CONDALESS_NOTE)
+        client.set_terminated(run.info.run_id, "FAILED")
+    if left:
+        from grpo.console import say
+
+        say(f"grpo: marked {len(left)} run(s) FAILED that `mlflow run` left RUNNING without conda; "
+            "start the project with: mlflow run . --env-manager local")
+
+
+CONDALESS_NOTE = "mlflow run found no conda and never started the project; use: mlflow run . --env-manager local"
 
 
 @contextlib.contextmanager

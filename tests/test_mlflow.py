@@ -18,7 +18,9 @@ def test_best_policy_is_a_registered_logged_model_that_loads_and_is_scored_by_ur
     client, runs = runs_of(store)
     (main,) = [r for r in runs if r.data.tags.get("grpo.stage") == "main"]
     experiment = main.info.experiment_id
-    val = {m.step: m.value for m in client.get_metric_history(main.info.run_id, "val_accuracy")}
+    history = client.get_metric_history(main.info.run_id, "val_accuracy")
+    val = {m.step: m.value for m in history}
+    assert len(history) == len(val), "linking the kept policy's metrics must not log an evaluation twice"
     best_step = max((s for s in val if s > 0), key=lambda s: (val[s], -s))  # the first of the best
     (policy,) = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list",
                                             order_by=[{"field_name": "metrics.val_accuracy", "ascending": False}])
@@ -51,5 +53,8 @@ def test_every_evaluation_kept_and_none_keeps_the_checkpoint_instead(store, tiny
     kept = mlflow.search_logged_models(experiment_ids=[every.info.experiment_id], output_format="list")
     assert sorted(m.name for m in kept) == ["policy-0001", "policy-0002"]
     assert {m.source_run_id for m in kept} == {every.info.run_id}
+    assert {m.key: m.step for m in kept[0].metrics}["val_accuracy"] == int(kept[0].name[-4:])
+    history = mlflow.MlflowClient().get_metric_history(every.info.run_id, "test_accuracy")
+    assert sorted(m.step for m in history) == [0, 1, 2]
     assert not any(k.startswith("system/") for k in every.data.metrics)
     assert [p.name for p in (Path("grpo_runs") / none.info.run_id / "checkpoints").iterdir()] == ["iter-0001"]

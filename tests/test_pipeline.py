@@ -254,15 +254,28 @@ def _readable(path: Path) -> bool:
 
 
 def test_mlflow_run_evaluate_and_rollout(store, tmp_path, tiny_model_dir):
-    """The no-conda path of the README: `mlflow run . --env-manager local`, tiny budgets."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    """The no-conda path of the README: `mlflow run . --env-manager local`, tiny budgets; the run that a plain
+    `mlflow run .` leaves RUNNING on a machine without conda is marked FAILED by the next command."""
+    no_conda = [d for d in os.environ["PATH"].split(os.pathsep) if not (Path(d) / "conda").exists()]
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), *no_conda])}
+    env.pop("MLFLOW_CONDA_HOME", None)
+    plain = subprocess.run([sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "evaluate"], capture_output=True,
+                           text=True, env=env, timeout=300)
+    assert plain.returncode != 0 and "Conda" in plain.stderr, plain.stderr[-2000:]
+    (left,) = runs_of(store)[1]
+    assert left.info.status == "RUNNING"  # what MLflow leaves behind
     for entry, params in (("evaluate", ["limit=3", "max_new_tokens=8"]),
                           ("rollout", ["problems=2", "attempts=2", "max_new_tokens=8", f"output={tmp_path / 'out'}"])):
         command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local",
                    "-P", "backend=hf", "-P", f"model={tiny_model_dir}", *[x for p in params for x in ("-P", p)]]
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
+        if entry == "evaluate":
+            assert "marked 1 run(s) FAILED that `mlflow run` left RUNNING without conda" in done.stderr
     client, runs = runs_of(store)
+    left = client.get_run(left.info.run_id)
+    assert left.info.status == "FAILED" and "--env-manager local" in left.data.tags["grpo.note"]
+    runs = [r for r in runs if r.info.run_id != left.info.run_id]
     by_stage = {r.data.tags["grpo.stage"]: r for r in runs}
     evaluate, rollout = by_stage["evaluate"], by_stage["rollout"]
     assert evaluate.data.metrics["test_problems"] == 3 and "test_accuracy" in evaluate.data.metrics
