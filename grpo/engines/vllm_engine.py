@@ -41,7 +41,8 @@ class VLLMEngine:
         self.base = resolve(model)
         self.tokenizer = load_tokenizer(model)
         self.kwargs = dict(tokenizer=self.base, seed=seed, logprobs_mode="processed_logprobs",
-                           max_model_len=4096, enable_prefix_caching=True)
+                           max_model_len=4096, enable_prefix_caching=True,
+                           use_tqdm_on_load=sys.stderr.isatty())  # a bar per rebuild is noise in a log
         if device == "cpu":
             self.kwargs.update(enforce_eager=True, dtype="float32")
         else:
