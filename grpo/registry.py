@@ -29,7 +29,8 @@ def log_policy(folder: Path, step: int, metrics: dict[str, float]) -> str:
 def link_metrics(run_id: str, model_id: str, step: int, metrics: dict[str, float]) -> None:
     """Link the run's metrics at `step` to a logged model. A point the run already has is logged again with its
     own timestamp and value: the store keeps it once in the run's history (same key, step, time and value) and
-    adds the link, so the run's charts never show an evaluation twice."""
+    adds the link, so the run's charts never show an evaluation twice. (MLflow's deprecated file store appends
+    instead: there the linked point shows twice in the run's history.)"""
     import mlflow
 
     client = mlflow.MlflowClient()
