@@ -11,11 +11,9 @@ from grpo.cli import run_entrypoint  # noqa: E402
 
 def main(cfg, hints):
     import mlflow
-    from tqdm.auto import tqdm
 
     from grpo.artifacts import check_replaceable, read_jsonl
-    from grpo.pipeline import log_step
-    from grpo.trainer import drain
+    from grpo.pipeline import logged_finetune
     from grpo.stages import recorded, rows_model
     from grpo.trainer import Trainer, plan_steps, trainable
     from grpo.workspace import place
@@ -31,8 +29,7 @@ def main(cfg, hints):
     with tracking.stage_run("finetune", cfg.as_params("finetune") | {"iteration": str(i)}, run_name=f"finetune-{i}"):
         trainer = Trainer(cfg.policy.model, cfg.optim, place(cfg.policy, cfg.engine).trainer, cfg.io.checkpoint)
         steps = len(plan_steps(trainable(rows), cfg.optim, cfg.loop.seed, i))
-        with tqdm(total=steps, desc=f"finetune (iteration {i})", unit="step", leave=False, disable=None) as bar:
-            summary = drain(trainer.train(rows, i, cfg.loop.seed, steps), lambda e: (log_step(e), bar.update(1)))
+        summary = logged_finetune(trainer.train(rows, i, cfg.loop.seed, steps), i, total=steps)
         trainer.save(output, background=False)
         tracking.log_metrics(summary, step=i)
         mlflow.set_tag("grpo.checkpoint", str(output.resolve()))

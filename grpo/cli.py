@@ -98,10 +98,6 @@ def _keep_killed(run_id: str, parent_pid: int, timeout: float = 120) -> None:
         client.set_terminated(run_id, "KILLED")
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["keep-killed"]:
-    _keep_killed(sys.argv[2], int(sys.argv[3]))
-
-
 def resume_command(run_id: str) -> str:
     """The command that carries on with a main run, in the form it was started with."""
     import mlflow
@@ -110,3 +106,7 @@ def resume_command(run_id: str) -> str:
     if "mlflow.project.entryPoint" in tags:
         return f"mlflow run . --env-manager local --run-id {run_id}"
     return f"MLFLOW_RUN_ID={run_id} python entrypoints/main.py"
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["keep-killed"]:
+    _keep_killed(sys.argv[2], int(sys.argv[3]))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -52,7 +51,6 @@ class Chain:
         self.trainer = TrainerClient(cfg.loop.trainer_timeout)
         self.saved = self.trained - 1  # the newest iteration whose checkpoint exists or is being written
         self.floor: float | None = None  # probe gap between engine and trainer on the same weights
-        self.last: dict[str, dict] = {}  # newest metrics of each stage, for the progress line
 
     def path(self, kind: str, i: int) -> Path:
         return self.folder / kind / f"iter-{i:04d}.jsonl"
@@ -67,13 +65,9 @@ class Chain:
         return logged_annotate(self.ws, rows, i, self.path("annotated", i))
 
     def finetune(self, i: int, run_id: str) -> dict:
-        from tqdm.auto import tqdm
-
         self.start_trainer()
-        bar = tqdm(desc=f"finetune (iteration {i})", unit="step", leave=False, disable=None)
         steps = self.trainer.train(self.path("annotated", i), i, self.cfg.loop.seed, self.planned_steps())
-        summary = drain(steps, lambda event: (log_step(event, run_id), bar.update(1)))
-        bar.close()
+        summary = logged_finetune(steps, i, run_id=run_id)
         self.trained = i + 1
         summary.update(self.hand_over())
         tracking.log_metrics(summary, step=i, run_id=run_id)
@@ -114,7 +108,7 @@ class Chain:
         logging, so the trainer holds the weights the run had reached (they were in memory only)."""
         while done(f"finetune-{self.trained}"):
             i = self.trained
-            print(f"grpo main: replaying finetune of iteration {i} (after the newest checkpoint)", file=sys.stderr)
+            say(f"grpo main: replaying finetune of iteration {i} (after the newest checkpoint)")
             self.start_trainer()
             drain(self.trainer.train(self.path("annotated", i), i, self.cfg.loop.seed, self.planned_steps()))
             self.trained = i + 1
@@ -181,9 +175,17 @@ def logged_evaluate(ws, step: int, limits: dict[str, int]) -> dict:
     return metrics
 
 
-def log_step(event: dict, run_id: str | None = None) -> None:
-    """One optimiser step's metrics (step = the run's optimiser step), prefixed step_."""
-    tracking.log_metrics(event["metrics"], step=event["step"], prefix="step_", run_id=run_id)
+def logged_finetune(steps, i: int, total: int | None = None, run_id: str | None = None) -> dict:
+    """Drain a trainer's step generator under a progress bar, logging each optimiser step's metrics (step = the
+    run's optimiser step, prefixed step_); the stage's summary."""
+    from tqdm.auto import tqdm
+
+    def each(event: dict) -> None:
+        tracking.log_metrics(event["metrics"], step=event["step"], prefix="step_", run_id=run_id)
+        bar.update(1)
+
+    with tqdm(total=total, desc=f"finetune (iteration {i})", unit="step", leave=False, disable=None) as bar:
+        return drain(steps, each)
 
 
 def _peak_gpu() -> dict:

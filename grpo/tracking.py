@@ -100,6 +100,9 @@ def setup() -> None:
     end_runs_condaless_mlflow_run_left(name)
 
 
+CONDALESS_NOTE = "mlflow run found no conda and never started the project; use: mlflow run . --env-manager local"
+
+
 def end_runs_condaless_mlflow_run_left(experiment_name: str) -> None:
     """Plain `mlflow run .` on a machine without conda creates its run, then stops with MLflow's own error and
     leaves the run RUNNING for ever. Such runs of this user (conda runs the project never started) are marked
@@ -127,8 +130,6 @@ def end_runs_condaless_mlflow_run_left(experiment_name: str) -> None:
         say(f"grpo: marked {len(left)} run(s) FAILED that `mlflow run` left RUNNING without conda; "
             "start the project with: mlflow run . --env-manager local")
 
-
-CONDALESS_NOTE = "mlflow run found no conda and never started the project; use: mlflow run . --env-manager local"
 
 
 @contextlib.contextmanager

@@ -54,12 +54,22 @@ def plan_steps(rows: list[dict], optim, seed: int, iteration: int) -> list[list[
     per_step = optim.train_batch_size * optim.gradient_accumulation_passes
     steps = []
     for first in range(0, len(order), per_step):
-        chosen = sorted(order[first:first + per_step], key=lambda i: len(rows[i]["prompt_ids"]) +
-                        len(rows[i]["completion_ids"]))
-        lengths = [len(rows[i]["prompt_ids"]) + len(rows[i]["completion_ids"]) for i in chosen]
+        chosen = sorted(order[first:first + per_step], key=lambda i: _tokens(rows[i]))
+        lengths = [_tokens(rows[i]) for i in chosen]
         steps.append([[chosen[k] for k in batch] for batch in
                       micro_batches(lengths, optim.train_batch_size, optim.max_tokens_per_micro_batch)])
     return steps
+
+
+def _tokens(row: dict) -> int:
+    """Prompt and completion tokens of a row: its length in a packed micro-batch."""
+    return len(row["prompt_ids"]) + len(row["completion_ids"])
+
+
+def _pack_rows(rows: list[dict], device: str):
+    from grpo.scoring import pack
+
+    return pack([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], device)
 
 
 def trainable(rows: list[dict]) -> list[dict]:
@@ -121,7 +131,7 @@ class Trainer:
             step_rows = [kept[i] for batch in batches for i in batch]
             sums = self._accumulate(kept, batches, step_rows, context)
             lr, grad_norm = self._update(sums, total_steps)
-            trained = sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in step_rows)
+            trained = sum(_tokens(r) for r in step_rows)
             tokens_done += trained
             n = max(sums["tokens"], 1)
             summary = {"loss": sums["loss"], "kl": sums["kl_sum"] / n, "clip_fraction": sums["clipped"] / n,
@@ -141,7 +151,7 @@ class Trainer:
         """Forward and backward over the micro-batches of one optimiser step, each weighted by the step's totals;
         the step's loss and metric sums (one host sync)."""
         from grpo.loss import grpo_loss, token_weights, truncated_is_weight
-        from grpo.scoring import autocast, pack, sequence_logprobs
+        from grpo.scoring import autocast, sequence_logprobs
 
         optim, device, gap, old = self.optim, self.device, context["gap"], context.get("old")
         step_tokens = sum(len(r["completion_ids"]) for r in step_rows)
@@ -149,7 +159,7 @@ class Trainer:
                 "ratio_max": torch.zeros((), device=device)}
         for batch in batches:
             chosen = [rows[i] for i in batch]
-            packed = pack([r["prompt_ids"] for r in chosen], [r["completion_ids"] for r in chosen], device)
+            packed = _pack_rows(chosen, device)
             flat = lambda key: torch.tensor([x for r in chosen for x in r[key]], device=device)  # noqa: E731
             sampler = flat("logprobs")
             adv = torch.tensor([r["advantage"] for r in chosen], device=device)[packed.seq]
@@ -193,13 +203,12 @@ class Trainer:
     @torch.no_grad()
     def _trainer_old_logprobs(self, rows, steps, temperature) -> dict[int, torch.Tensor]:
         """The trainer's own logprobs of every row before this iteration's first update (old_logprobs=trainer)."""
-        from grpo.scoring import autocast, pack, sequence_logprobs
+        from grpo.scoring import autocast, sequence_logprobs
 
         old = {}
         for batches in steps:
             for batch in batches:
-                chosen = [rows[i] for i in batch]
-                packed = pack([r["prompt_ids"] for r in chosen], [r["completion_ids"] for r in chosen], self.device)
+                packed = _pack_rows([rows[i] for i in batch], self.device)
                 with autocast(self.device):
                     values = sequence_logprobs(self.model, packed, temperature)
                 old.update(zip(batch, values.split(packed.seq_tokens.tolist())))
@@ -231,11 +240,7 @@ class Trainer:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        seen, weights = set(), {}
-        for name, tensor in self.model.state_dict().items():
-            if tensor.data_ptr() not in seen:
-                seen.add(tensor.data_ptr())
-                weights[name] = tensor.detach().to("cpu", torch.bfloat16).contiguous()
+        weights = {name: t.to("cpu", torch.bfloat16).contiguous() for name, t in _state_once(self.model)}
         save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
         config = self.model.config.to_dict() | {"dtype": "bfloat16"}
         (folder / "config.json").write_text(json.dumps(config, indent=1))
@@ -263,11 +268,7 @@ class Trainer:
     def _snapshot(self):
         """CPU copies of the weights (tied ones once: HF re-ties them on load) and of the optimiser state."""
         try:
-            seen, weights = set(), {}
-            for name, tensor in self.model.state_dict().items():
-                if tensor.data_ptr() not in seen:
-                    seen.add(tensor.data_ptr())
-                    weights[name] = tensor.detach().to("cpu", copy=True).contiguous()
+            weights = {name: t.to("cpu", copy=True).contiguous() for name, t in _state_once(self.model)}
             return weights, _to_cpu(self.optimizer.state_dict())
         finally:
             self._snapshot_taken.set()
@@ -314,6 +315,15 @@ def _gpu_figures(device: str) -> dict[str, float]:
     except Exception:  # needs nvidia-ml-py
         pass
     return figures
+
+
+def _state_once(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, detached tensor) of the state dict, tied tensors once: HF re-ties them on load."""
+    seen = set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            yield name, tensor.detach()
 
 
 def _to_cpu(value):

@@ -41,24 +41,23 @@ def publish(engine, weights, version: int, probe, expected: list[float], floor: 
     import warnings
 
     started = time.perf_counter()
-    rebuilt = 0
     tolerance = max(engine.tolerance, 2 * floor)
+    report = lambda served, rebuilt: {"handoff_seconds": time.perf_counter() - started,  # noqa: E731
+                                      "engine_rebuilt": rebuilt, "probe_gap": probe_gap(served, expected)}
     if getattr(engine, "in_place", True):
         engine.update_weights(weights(), version)
         served = engine.probe_logprobs(probe)
-    if not getattr(engine, "in_place", True) or not served_weights_match(served, expected, tolerance):
+        if served_weights_match(served, expected, tolerance):
+            return report(served, 0)
         if not hasattr(engine, "rebuild"):
             raise ModelError(f"the engine does not serve the weights the trainer handed over (probe gap "
                              f"{probe_gap(served, expected):.3g} nats, allowed {tolerance:.3g}); pass backend=hf")
-        if getattr(engine, "in_place", True):
-            gap = probe_gap(served, expected)
-            warnings.warn(f"{engine.name} did not take new weights in place (probe gap {gap:.3g} nats); it is rebuilt "
-                          "on them instead, now and from here on", RuntimeWarning, stacklevel=2)
-            engine.in_place = False
-        engine.rebuild(weights(), version)
-        served, rebuilt = engine.probe_logprobs(probe), 1
-        if not served_weights_match(served, expected, tolerance):
-            raise ModelError(f"the rebuilt engine does not serve the trainer's weights either (probe gap "
-                             f"{probe_gap(served, expected):.3g} nats, allowed {tolerance:.3g}); pass backend=hf")
-    return {"handoff_seconds": time.perf_counter() - started, "engine_rebuilt": rebuilt,
-            "probe_gap": probe_gap(served, expected)}
+        warnings.warn(f"{engine.name} did not take new weights in place (probe gap {probe_gap(served, expected):.3g} "
+                      "nats); it is rebuilt on them instead, now and from here on", RuntimeWarning, stacklevel=2)
+        engine.in_place = False
+    engine.rebuild(weights(), version)
+    served = engine.probe_logprobs(probe)
+    if not served_weights_match(served, expected, tolerance):
+        raise ModelError(f"the rebuilt engine does not serve the trainer's weights either (probe gap "
+                         f"{probe_gap(served, expected):.3g} nats, allowed {tolerance:.3g}); pass backend=hf")
+    return report(served, 1)
