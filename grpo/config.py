@@ -21,7 +21,7 @@ DEFAULT_SYSTEM_PROMPT = (
 
 def knob(default, help: str, *, low=None, above=None, choices=None, search=None):
     """A config field. low: smallest allowed value; above: value must be strictly greater; choices: allowed
-    values; search: Optuna distribution, e.g. ("float", 0.3, 1.2, {"log": False})."""
+    values; search: Optuna distribution, e.g. ("float", 0.3, 1.2, {"log": False}) or ("categorical", (a, b))."""
     return field(default=default, metadata=dict(help=help, low=low, above=above, choices=choices, search=search))
 
 
@@ -94,13 +94,26 @@ class Sampling(Section):
                          low=2, search=("int", 2, 16, {"step": 2}))
     temperature: float = knob(0.7, "Sampling temperature (> 0); the trainer scores logits / T to match the sampler.",
                               above=0.0, search=("float", 0.3, 1.2, {}))
+    max_draws: int = knob(1, "Dynamic sampling (DAPO): draw further problems until `problems` groups have rewards "
+                          "that differ, at most this many draws per iteration (1 = off); groups whose attempts all "
+                          "scored alike are set aside, and only fill the batch when the draws run out.", low=1,
+                          search=("int", 1, 4, {}))
 
 
 @dataclass
 class Scoring(Section):
     """Annotate: advantages and reference logprobs."""
     scale_std: bool = knob(True, "Divide group-centred rewards by the group std (+1e-4), as the reference does "
-                           "(false = Dr. GRPO's centred rewards).")
+                           "(false = Dr. GRPO's centred rewards).", search=("categorical", (True, False)))
+    overlong_buffer: float = knob(0.0, "0 = a completion cut at max_new_tokens earns -1 (reference). f > 0 = DAPO's "
+                                  "soft overlong penalty: completions are scored as if not cut, and lose up to 1 "
+                                  "linearly over the last f x max_new_tokens tokens before the limit.", low=0.0,
+                                  search=("categorical", (0.0, 0.25)))
+
+    def check(self):
+        if self.overlong_buffer >= 1:
+            raise ConfigError(f"overlong_buffer is a share of max_new_tokens and must be < 1, got "
+                              f"{self.overlong_buffer}")
     drop_flat_groups: bool = knob(True, "Skip groups whose attempts all got the same reward: their advantage is 0, "
                                   "so they add only the KL term and cost a full forward/backward.")
 
@@ -119,14 +132,16 @@ class Optim(Section):
     gradient_accumulation_passes: int = knob(2, "Micro-batches accumulated per optimiser step.", low=1)
     max_tokens_per_micro_batch: int = knob(0, "Also cap each micro-batch at this many tokens, packed without "
                                            "padding (0 = no cap): bounds the trainer's activation memory.", low=0)
-    kl_coef: float = knob(0.01, "Weight of the k3 KL penalty to the reference model (0 = off).", low=0.0)
+    kl_coef: float = knob(0.01, "Weight of the k3 KL penalty to the reference model (0 = off).", low=0.0,
+                          search=("categorical", (0.0, 0.001, 0.01, 0.04)))
     epsilon: float = knob(0.2, "Lower ratio clip: ratio >= 1 - epsilon.", low=0.0)
     epsilon_high: float = knob(0.2, "Upper ratio clip: ratio <= 1 + epsilon_high (DAPO's clip-higher: > epsilon).",
-                               low=0.0)
+                               low=0.0, search=("float", 0.2, 0.3, {}))
     loss_reduction: str = knob("seq_mean", "'seq_mean': token mean per sequence, mean over the step's sequences "
                                "(reference); 'token_mean': mean over the step's tokens; 'seq_sum': token sum / "
                                "max_new_tokens, mean over sequences (Dr. GRPO).",
-                               choices=("seq_mean", "token_mean", "seq_sum"))
+                               choices=("seq_mean", "token_mean", "seq_sum"),
+                               search=("categorical", ("seq_mean", "token_mean", "seq_sum")))
     old_logprobs: str = knob("sampler", "The ratio's old policy: 'sampler' (logprobs kept by the engine, the "
                              "reference recipe) or 'trainer' (recomputed by the trainer before the first update, "
                              "tokens weighted by min(p_trainer / p_sampler, tis_cap)).", choices=("sampler", "trainer"))

@@ -25,6 +25,13 @@ def group_advantages(rewards: torch.Tensor, scale_std: bool = True, eps: float =
     return centred / (rewards.std(dim=1, keepdim=True) + eps)
 
 
+def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: float) -> torch.Tensor:
+    """DAPO's soft overlong penalty. lengths [B] completion tokens -> [B] in [0, 1]: 0 up to max_tokens - L,
+    then rising linearly to 1 at max_tokens, where L = buffer x max_tokens (buffer in (0, 1))."""
+    free = max_tokens * (1 - buffer)
+    return ((lengths.float() - free) / (max_tokens - free)).clamp(0.0, 1.0)
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """logits [..., V], targets [...] -> logprob of each target under softmax(logits / T), [...] float32."""
     scaled = logits.float() / temperature

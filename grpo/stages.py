@@ -54,17 +54,53 @@ def outcome_metrics(rows: list[dict]) -> dict[str, float]:
 
 
 def rollout(engine, builder, pool, sampling, max_new_tokens: int, iteration: int, seed: int, model: str):
-    """Sample sampling.attempts completions for each of this iteration's problems at sampling.temperature."""
-    problems = task.iteration_problems(pool, iteration, sampling.problems, seed)
-    prompt_ids = [builder.ids(p) for p in problems]
-    outputs = engine.generate(prompt_ids, sampling.attempts, sampling.temperature, max_new_tokens,
-                              seed=seed * 1_000_003 + iteration)
-    rows = _rows(problems, prompt_ids, outputs, builder, iteration=iteration, temperature=sampling.temperature,
-                 max_new_tokens=max_new_tokens, model=model, policy_version=engine.version)
-    metrics = outcome_metrics(rows)
-    metrics.update(tokens_per_s=engine.stats.tokens_per_s, generated_tokens=engine.stats.tokens,
-                   seconds=engine.stats.seconds)
+    """Sample sampling.attempts completions for each of this iteration's problems at sampling.temperature.
+
+    With sampling.max_draws > 1 (dynamic sampling), further problems are drawn until `problems` groups have
+    rewards that differ; the batch is those groups, topped up with flat ones when the draws run out, in the
+    order they were drawn. Outcome metrics describe every sampled completion, kept or not."""
+    wanted, groups, seen = sampling.problems, [], set()
+    tokens = seconds = draws = 0
+    while draws < sampling.max_draws and sum(map(_has_signal, groups)) < wanted:
+        problems = [p for p in _draw_problems(pool, iteration, wanted, seed, draws) if p.id not in seen]
+        if not problems:  # a pool this small has nothing left to draw
+            break
+        seen.update(p.id for p in problems)
+        prompt_ids = [builder.ids(p) for p in problems]
+        outputs = engine.generate(prompt_ids, sampling.attempts, sampling.temperature, max_new_tokens,
+                                  seed=seed * 1_000_003 + iteration + draws * 100_003)
+        tokens, seconds, draws = tokens + engine.stats.tokens, seconds + engine.stats.seconds, draws + 1
+        groups += _groups(_rows(problems, prompt_ids, outputs, builder, iteration=iteration,
+                                temperature=sampling.temperature, max_new_tokens=max_new_tokens, model=model,
+                                policy_version=engine.version))
+    signal = [g for g in groups if _has_signal(g)][:wanted]
+    flat = [g for g in groups if not _has_signal(g)][:wanted - len(signal)]
+    keep = {id(g) for g in signal + flat}
+    rows = [dict(r, group=n) for n, g in enumerate(g for g in groups if id(g) in keep) for r in g]
+    metrics = outcome_metrics([r for g in groups for r in g])
+    metrics.update(tokens_per_s=tokens / seconds if seconds else 0.0, generated_tokens=tokens, seconds=seconds)
+    if sampling.max_draws > 1:
+        metrics.update(draws=draws, groups_sampled=len(groups), signal_groups_kept=len(signal),
+                       signal_groups_found=sum(map(_has_signal, groups)))
     return rows, metrics
+
+
+def _draw_problems(pool, iteration: int, count: int, seed: int, draw: int):
+    """Draw 0 is the iteration's share of the seeded walk through the pool; further draws (dynamic sampling)
+    walk other seeded orders."""
+    return task.iteration_problems(pool, iteration, count, seed if draw == 0 else seed * 7_919 + draw)
+
+
+def _groups(rows: list[dict]) -> list[list[dict]]:
+    groups: dict[int, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["group"], []).append(row)
+    return list(groups.values())
+
+
+def _has_signal(group: list[dict]) -> bool:
+    """Attempts that scored differently: the group's advantages are not all 0."""
+    return len({r["reward"] for r in group}) > 1
 
 
 def evaluate(engine, builder, problems, max_new_tokens: int, prefix: str = "test"):
@@ -115,12 +151,13 @@ def annotate(rows: list[dict], reference_model, scoring, progress=None):
     if len(sizes) != 1:
         raise DataError(f"groups have different sizes {sorted(sizes)}; the rollout file is incomplete")
     order = list(groups.values())
-    rewards = torch.tensor([[rows[i]["reward"] for i in members] for members in order])
+    trained = training_rewards(rows, scoring.overlong_buffer)
+    rewards = torch.tensor([[trained[i] for i in members] for members in order])
     advantages = group_advantages(rewards, scale_std=scoring.scale_std)
     flat = (rewards == rewards[:, :1]).all(dim=1)
     for members, adv, is_flat in zip(order, advantages.tolist(), flat.tolist()):
         for i, a in zip(members, adv):
-            rows[i].update(advantage=a, flat_group=is_flat)
+            rows[i].update(advantage=a, flat_group=is_flat, train_reward=trained[i])
     scored = [r for r in rows if not (scoring.drop_flat_groups and r["flat_group"])]
     ref = score_completions(reference_model, [r["prompt_ids"] for r in scored], [r["completion_ids"] for r in scored],
                             temperature, progress=progress)
@@ -132,4 +169,20 @@ def annotate(rows: list[dict], reference_model, scoring, progress=None):
     metrics = {"groups": len(order), "groups_without_signal": int(flat.sum()),
                "signal_fraction": 1 - flat.float().mean().item(), "advantage_abs_mean": advantages.abs().mean().item(),
                "sequences_scored": len(scored), "sampler_ref_logprob_gap": sum(gaps) / max(len(gaps), 1)}
+    if scoring.overlong_buffer:
+        metrics["shaped_reward_mean"] = sum(trained) / len(trained)
     return rows, metrics
+
+
+def training_rewards(rows: list[dict], overlong_buffer: float) -> list[float]:
+    """The rewards advantages are computed from: rollout's, or with overlong_buffer > 0 DAPO's soft overlong
+    penalty: each completion scored as if it had not been cut, minus its length penalty."""
+    import torch
+
+    from grpo.loss import overlong_penalty
+
+    if not overlong_buffer:
+        return [r["reward"] for r in rows]
+    lengths = torch.tensor([len(r["completion_ids"]) for r in rows], dtype=torch.float32)
+    penalty = overlong_penalty(lengths, recorded(rows, "max_new_tokens"), overlong_buffer).tolist()
+    return [task.score(r["completion"], r["gold"])[0] - p for r, p in zip(rows, penalty)]

@@ -34,8 +34,12 @@ def suggest(trial, cfg):
     space = search_space()
     chosen = {}
     for name in filter(None, cfg.sweep.search.split(",")):
-        kind, low, high, options = space[name]
-        chosen[name] = (trial.suggest_int if kind == "int" else trial.suggest_float)(name, low, high, **options)
+        kind, *bounds = space[name]
+        if kind == "categorical":
+            chosen[name] = trial.suggest_categorical(name, list(bounds[0]))
+        else:
+            low, high, options = bounds
+            chosen[name] = (trial.suggest_int if kind == "int" else trial.suggest_float)(name, low, high, **options)
     return cfg.replace(**chosen, seed=cfg.loop.seed * 1000 + trial.number)  # trial seeds follow the study seed
 
 
@@ -151,7 +155,7 @@ def _run_trial(study, cfg, experiment_id: str) -> None:
         study.tell(trial, value)
         status = "FINISHED"
         _say(f"trial {trial.number}: best {objective} {value:.3f} with " +
-             ", ".join(f"{k}={v:.3g}" for k, v in trial.params.items()))
+             _shown(trial.params))
     except optuna.TrialPruned as pruned:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         mlflow.set_tag("optuna.state", "PRUNED")
@@ -169,6 +173,10 @@ def _run_trial(study, cfg, experiment_id: str) -> None:
     finally:
         if mlflow.active_run() and mlflow.active_run().info.run_id == run.info.run_id:
             mlflow.end_run(status)
+
+
+def _shown(params: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 def _say(line: str) -> None:
@@ -195,7 +203,7 @@ def _log_summary(study, cfg) -> None:
     mlflow.log_dict({"objective": cfg.sweep.objective, "best_value": study.best_value, "best_params": best.params,
                      "best_trial": best.number, "best_run_id": best.user_attrs.get("mlflow_run_id")}, "best.json")
     _say(f"best {cfg.sweep.objective} {study.best_value:.3f} (trial {best.number}, run "
-         f"{best.user_attrs.get('mlflow_run_id')}): " + ", ".join(f"{k}={v:.3g}" for k, v in best.params.items()))
+         f"{best.user_attrs.get('mlflow_run_id')}): " + _shown(best.params))
     plots = {"optimization_history": optuna.visualization.matplotlib.plot_optimization_history,
              "parallel_coordinate": optuna.visualization.matplotlib.plot_parallel_coordinate}
     if len(done) >= 2:

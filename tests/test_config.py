@@ -87,4 +87,5 @@ def test_validation_refuses_bad_values(changes, message):
 
 
 def test_search_space():
-    assert set(search_space()) == {"temperature", "attempts", "learning_rate"}
+    assert set(search_space()) == {"temperature", "attempts", "learning_rate", "max_draws", "scale_std",
+                                   "overlong_buffer", "kl_coef", "epsilon_high", "loss_reduction"}
