@@ -191,6 +191,24 @@ class Loop(Section):
 
 
 @dataclass
+class Group(Section):
+    """Several GPUs, or machines: the trainer as a torchrun group whose ranks also generate and score."""
+    ranks: int = knob(1, "Trainer processes on this machine. 1 = one trainer process beside main's engine "
+                      "(colocated on one GPU); N > 1 = a torchrun group of N ranks, one per GPU, each generating, "
+                      "scoring for the reference and training on its share (gradients summed over NCCL; gloo "
+                      "on CPUs); 0 = one rank per visible GPU.", low=0)
+    nodes: int = knob(1, "Machines in the trainer group. With N > 1, main's machine is node 0 and prints the "
+                      "command that each other machine runs to join; work_dir must be on a filesystem all of "
+                      "them see.", low=1)
+    rendezvous: str = knob("", "HOST:PORT on main's machine where the group's machines meet (nodes > 1).")
+
+    def check(self):
+        if self.nodes > 1 and ":" not in self.rendezvous:
+            raise ConfigError(f"nodes={self.nodes} needs rendezvous=HOST:PORT (an address of this machine that "
+                              "the others reach, and a free port)")
+
+
+@dataclass
 class Sweep(Section):
     """Optuna over the searchable fields; one nested MLflow run per trial."""
     n_trials: int = knob(3, "Trials this worker runs.", low=1)
@@ -223,11 +241,11 @@ class StageIO(Section):
 
 
 SECTIONS = {"policy": Policy, "data": Data, "engine": Engine, "sampling": Sampling, "scoring": Scoring,
-            "optim": Optim, "evaluation": Evaluation, "tracking": Tracking, "loop": Loop, "sweep": Sweep,
-            "io": StageIO}
+            "optim": Optim, "evaluation": Evaluation, "tracking": Tracking, "loop": Loop, "group": Group,
+            "sweep": Sweep, "io": StageIO}
 _ALL = None  # every field of a section
 _TRAINING = {"policy": _ALL, "data": _ALL, "engine": _ALL, "sampling": _ALL, "scoring": _ALL, "optim": _ALL,
-             "evaluation": _ALL, "tracking": _ALL, "loop": _ALL}
+             "evaluation": _ALL, "tracking": _ALL, "loop": _ALL, "group": _ALL}
 ENTRY_POINTS: dict[str, dict[str, tuple[str, ...] | None]] = {
     "main": _TRAINING,
     "rollout": {"policy": _ALL, "data": _ALL, "engine": _ALL, "sampling": _ALL, "evaluation": ("trace_samples",),
@@ -253,6 +271,7 @@ class Config:
     evaluation: Evaluation = field(default_factory=Evaluation)
     tracking: Tracking = field(default_factory=Tracking)
     loop: Loop = field(default_factory=Loop)
+    group: Group = field(default_factory=Group)
     sweep: Sweep = field(default_factory=Sweep)
     io: StageIO = field(default_factory=StageIO)
 

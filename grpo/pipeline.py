@@ -43,12 +43,16 @@ class Chain:
         from grpo.trainer_process import TrainerClient
         from grpo.workspace import Workspace
 
+        from grpo.trainer_process import is_group
+
         self.cfg, self.folder, self.runner = cfg, folder, runner
         checkpoint = latest_checkpoint(folder)
         self.checkpoint = str(checkpoint) if checkpoint else ""
         self.trained = checkpoint_info(checkpoint)["iteration"] + 1 if checkpoint else 0  # iterations in the weights
-        self.ws = Workspace(cfg, checkpoint=self.checkpoint)
         self.trainer = TrainerClient(cfg.loop.trainer_timeout)
+        self.grouped = is_group(cfg.group)  # the trainer's ranks generate and score too
+        self.ws = Workspace(cfg, checkpoint=self.checkpoint,
+                            group=(self.trainer, self.start_trainer) if self.grouped else None)
         self.saved = self.trained - 1  # the newest iteration whose checkpoint exists or is being written
         self.floor: float | None = None  # probe gap between engine and trainer on the same weights
 
@@ -81,9 +85,15 @@ class Chain:
 
     def start_trainer(self) -> None:
         if not self.trainer.alive:
-            p = self.ws.placement
+            p, group = self.ws.placement, self.cfg.group
+            if group.nodes > 1:
+                from grpo.group import join_command
+
+                say(f"grpo main: waiting for the other {group.nodes - 1} machine(s) of the trainer group; on each, "
+                    f"in this project with the same environment, run: {join_command(group)}")
             self.trainer.start(self.cfg.policy.model, self.cfg.optim, p.trainer, self.checkpoint,
-                               p.trainer_memory_fraction, self.ws.probe)
+                               0.0 if self.grouped else p.trainer_memory_fraction, self.ws.probe, group,
+                               self.cfg.engine.generation_batch_size)
             if self.floor is None:  # engine and trainer hold the same weights now: their precision difference
                 from grpo.engines.base import probe_gap
 
@@ -99,8 +109,8 @@ class Chain:
         """The trainer's weights into the engine, in memory; verified on the probe sequence."""
         from grpo.engines import publish
 
-        report = publish(self.ws.engine, self.trainer.weights, self.trained, self.ws.probe, self.trainer.probe(),
-                         self.floor or 0.0)
+        weights = (lambda: ()) if self.grouped else self.trainer.weights  # ranks serve their own weights
+        report = publish(self.ws.engine, weights, self.trained, self.ws.probe, self.trainer.probe(), self.floor or 0.0)
         return report | {"probe_floor": self.floor or 0.0}
 
     def replay(self, done) -> None:
@@ -191,7 +201,7 @@ def logged_finetune(steps, i: int, total: int | None = None, run_id: str | None 
 def _peak_gpu() -> dict:
     import torch
 
-    return {"peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
+    return {"peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_initialized() else {}
 
 
 def run_main(cfg, folder: Path | None = None, changes: dict | None = None, on_logged=None) -> dict:

@@ -159,8 +159,10 @@ def annotate(rows: list[dict], reference_model, scoring, progress=None):
         for i, a in zip(members, adv):
             rows[i].update(advantage=a, flat_group=is_flat, train_reward=trained[i])
     scored = [r for r in rows if not (scoring.drop_flat_groups and r["flat_group"])]
-    ref = score_completions(reference_model, [r["prompt_ids"] for r in scored], [r["completion_ids"] for r in scored],
-                            temperature, progress=progress)
+    score = getattr(reference_model, "score_completions", None)  # a trainer group's ranks score for it
+    score = score or (lambda *args, **kwargs: score_completions(reference_model, *args, **kwargs))
+    ref = score([r["prompt_ids"] for r in scored], [r["completion_ids"] for r in scored], temperature,
+                progress=progress)
     for row in rows:
         row["ref_logprobs"] = None
     for row, logps in zip(scored, ref):

@@ -123,13 +123,14 @@ class Trainer:
         context = {"temperature": rows[0]["temperature"] if rows else 1.0,
                    "max_tokens": rows[0]["max_new_tokens"] if rows else 1, "gap": _Gap(self.optim)}
         steps = plan_steps(kept, self.optim, seed, iteration)
+        mine = [self._my_batches(kept, batches) for batches in steps]
         if self.optim.old_logprobs == "trainer":
-            context["old"] = self._trainer_old_logprobs(kept, steps, context["temperature"])
+            context["old"] = self._trainer_old_logprobs(kept, mine, context["temperature"])
         started, tokens_done, summary = time.perf_counter(), 0, {}
-        for batches in steps:
+        for batches, my_batches in zip(steps, mine):
             step_started = time.perf_counter()
             step_rows = [kept[i] for batch in batches for i in batch]
-            sums = self._accumulate(kept, batches, step_rows, context)
+            sums = self._accumulate(kept, my_batches, step_rows, context)
             lr, grad_norm = self._update(sums, total_steps)
             trained = sum(_tokens(r) for r in step_rows)
             tokens_done += trained
@@ -147,9 +148,24 @@ class Trainer:
                 "train_tokens_per_s": tokens_done / seconds if seconds else 0.0,
                 "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if self.device == "cuda" else 0.0}
 
+    def _my_batches(self, rows, batches) -> list[list[int]]:
+        """This rank's micro-batches of one optimiser step: in a group, every size-th row of the step (sorted by
+        length, so each rank gets a like share of tokens), cut again into micro-batches."""
+        from grpo.group import share, world
+        from grpo.scoring import micro_batches
+
+        rank, size = world()
+        if size == 1:
+            return batches
+        chosen = share([i for batch in batches for i in batch], rank, size)
+        cut = micro_batches([_tokens(rows[i]) for i in chosen], self.optim.train_batch_size,
+                            self.optim.max_tokens_per_micro_batch)
+        return [[chosen[k] for k in batch] for batch in cut]
+
     def _accumulate(self, rows, batches, step_rows, context) -> dict:
-        """Forward and backward over the micro-batches of one optimiser step, each weighted by the step's totals;
-        the step's loss and metric sums (one host sync)."""
+        """Forward and backward over this rank's micro-batches of one optimiser step, each weighted by the whole
+        step's totals (so ranks' gradients add up to the step's); the step's loss and metric sums, over the
+        group (one host sync)."""
         from grpo.loss import grpo_loss, token_weights, truncated_is_weight
         from grpo.scoring import autocast, sequence_logprobs
 
@@ -179,6 +195,11 @@ class Trainer:
             for k, v in m.items():
                 sums[k] += v
         gap.pending = False
+        from grpo.group import sum_gradients, sum_values, world
+
+        if world()[1] > 1:
+            sum_gradients(self.model.parameters())
+            return sum_values(sums, maxima=("ratio_max",))
         return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in sums.items()}
 
     def _update(self, sums: dict, total_steps: int) -> tuple[float, float]:
@@ -347,10 +368,16 @@ class _Gap:
         self.diffs.append((trainer.float() - sampler.float()).cpu())
 
     def metrics(self) -> dict[str, float]:
-        if not self.diffs:
-            return {}
-        d = torch.cat(self.diffs)
+        from grpo.group import sum_values, world
+
+        d = torch.cat(self.diffs) if self.diffs else torch.zeros(0)
         ratio = torch.exp(d)
         outside = (ratio < 1 - self.optim.epsilon) | (ratio > 1 + self.optim.epsilon_high)
-        return {"sampler_gap_mean": d.abs().mean().item(), "sampler_gap_max": d.abs().max().item(),
-                "sampler_outside_clip": outside.float().mean().item()}
+        totals = {"abs": d.abs().sum().item(), "max": d.abs().max().item() if len(d) else 0.0,
+                  "outside": outside.sum().item(), "n": len(d)}
+        if world()[1] > 1:  # every rank saw its own share of the step's tokens
+            totals = sum_values(totals, maxima=("max",))
+        if not totals["n"]:
+            return {}
+        return {"sampler_gap_mean": totals["abs"] / totals["n"], "sampler_gap_max": totals["max"],
+                "sampler_outside_clip": totals["outside"] / totals["n"]}

@@ -35,16 +35,24 @@ class TrainerClient:
         self._cuda_buffer = None  # (handle, tensor) of the worker's shared weights buffer
 
     def start(self, model: str, optim, device: str, checkpoint: str, memory_fraction: float = 0.0,
-              probe=None) -> dict:
+              probe=None, group=None, batch_size: int = 64) -> dict:
+        """One trainer process, or with group.ranks != 1 or group.nodes > 1 a trainer group under torchrun
+        (grpo.group) whose ranks also generate (batch_size sequences at once) and score for the reference."""
+        from grpo import group as groups
+
         self.close(kill=True)
-        env = {**os.environ, "GRPO_PARENT_PID": str(os.getpid()),
+        env = {**os.environ, "GRPO_PARENT_PID": str(os.getpid()), "GRPO_GROUP_DEVICE": device,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        self.process = subprocess.Popen([sys.executable, "-m", "grpo.trainer_process"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, env=env)
+        cmd = [sys.executable, "-m", "grpo.trainer_process"]
+        if is_group(group):
+            cmd = groups.launch_command(group)
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // groups.local_ranks(group))))
+        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                        preexec_fn=_die_with_parent_signal)
         self.lines = queue.Queue()
         threading.Thread(target=_pump, args=(self.process.stdout, self.lines), daemon=True).start()
         self._send({"op": "init", "model": model, "optim": dataclasses.asdict(optim), "device": device,
-                          "checkpoint": checkpoint, "memory_fraction": memory_fraction,
+                    "checkpoint": checkpoint, "memory_fraction": memory_fraction, "batch_size": batch_size,
                     "probe": dataclasses.asdict(probe) if probe else None}, "loading the policy")
         return self._read("loading the policy", timeout=max(self.timeout, 300))  # imports and a model load
 
@@ -80,7 +88,7 @@ class TrainerClient:
         self.process = None
         raise TrainerError(f"{what}: the trainer process died (exit code {code}); its traceback is above")
 
-    def _ask(self, request: dict, what: str) -> dict:
+    def ask(self, request: dict, what: str) -> dict:
         self._send(request, what)
         return self._read(what)
 
@@ -97,21 +105,21 @@ class TrainerClient:
 
     def probe(self) -> list[float]:
         """The trainer's logprobs of the probe sequence under its current weights."""
-        return self._ask({"op": "probe"}, "scoring the probe")["probe"]
+        return self.ask({"op": "probe"}, "scoring the probe")["probe"]
 
     def weights(self):
         """Iterator of (name, tensor) of the worker's current policy, in memory."""
-        return _receive(self._ask({"op": "weights"}, "handing the new weights over")["weights"], self)
+        return _receive(self.ask({"op": "weights"}, "handing the new weights over")["weights"], self)
 
     def export(self, folder: Path) -> None:
         """The current policy written as a bf16 Hugging Face folder (for a logged model)."""
-        self._ask({"op": "export", "path": str(folder)}, "exporting the policy")
+        self.ask({"op": "export", "path": str(folder)}, "exporting the policy")
 
     def save(self, path: Path) -> None:
-        self._ask({"op": "save", "path": str(path)}, "checkpoint")
+        self.ask({"op": "save", "path": str(path)}, "checkpoint")
 
     def wait_saved(self) -> None:
-        self._ask({"op": "wait_saved"}, "finishing the last checkpoint")
+        self.ask({"op": "wait_saved"}, "finishing the last checkpoint")
 
     def close(self, kill: bool = False) -> None:
         """End the worker: politely (it finishes a checkpoint being written), at once when the run is failing
@@ -127,6 +135,21 @@ class TrainerClient:
                 self.process.kill()
         self.process = None
         self._cuda_buffer = None
+
+
+def is_group(group) -> bool:
+    """Whether the trainer runs as a torchrun group (several ranks or machines) rather than one process."""
+    from grpo.group import local_ranks
+
+    return local_ranks(group) > 1 or group.nodes > 1
+
+
+def _die_with_parent_signal() -> None:
+    """In the child before exec: die when main dies (a torchrun agent passes that on to its ranks)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _pump(stream, lines: queue.Queue) -> None:
@@ -197,61 +220,97 @@ class _Exporter:
 
 
 def _die_with_parent() -> None:
-    """A SIGKILLed main run must not leave a trainer writing checkpoints that the resumed run also writes."""
+    """A SIGKILLed main run must not leave a trainer writing checkpoints that the resumed run also writes. A rank
+    of a trainer group dies with its torchrun agent, which main starts to die with main."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if str(os.getppid()) != os.environ.get("GRPO_PARENT_PID", str(os.getppid())):
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        if os.getppid() == 1:
+            sys.exit("trainer rank: torchrun agent already gone")
+    elif str(os.getppid()) != os.environ.get("GRPO_PARENT_PID", str(os.getppid())):
         sys.exit("trainer: parent already gone")
+
+
+def _requests(rank: int, size: int, reply):
+    """Requests in order, on every rank: rank 0 reads main's lines (a train request with its rows, read once)
+    and passes each on to the group; a bad rows file is answered at once and never reaches the others."""
+    from grpo import group
+
+    if rank != 0:
+        while (request := group.broadcast()) is not None:
+            yield request
+        return
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["op"] == "train":
+            from grpo.artifacts import read_jsonl
+
+            try:
+                request["rows"] = read_jsonl(Path(request["annotated"]))
+            except GrpoError as e:
+                reply({"error": str(e)})
+                continue
+        if size > 1:
+            group.broadcast(request)
+        yield request
+    if size > 1:
+        group.broadcast(None)
 
 
 def serve() -> None:
     """Worker side: answer requests until stdin closes. A fixable error (NaN, bad data) is replied; the next
-    `init` starts from the last complete checkpoint."""
+    `init` starts from the last complete checkpoint. In a trainer group every rank runs this loop on the same
+    requests; rank 0 alone answers, exports and writes checkpoints (the ranks' weights are the same)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is main's to handle: it stops this process itself
     _die_with_parent()
+    from grpo import group
     from grpo.console import quiet
 
     quiet(tracking=False)
-    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    rank, size = group.setup()
+    replies = os.fdopen(os.dup(1), "w", buffering=1) if rank == 0 else None
     os.dup2(2, 1)  # prints from libraries must not corrupt the replies
-    trainer, exporter, probe = None, None, None
-    reply = lambda payload: replies.write(json.dumps(payload) + "\n")  # noqa: E731
-    for line in sys.stdin:
-        request = json.loads(line)
+    trainer, exporter, probe, work = None, None, None, None
+    reply = (lambda payload: replies.write(json.dumps(payload) + "\n")) if rank == 0 else (lambda payload: None)
+    for request in _requests(rank, size, reply):
         try:
             op = request["op"]
             if op == "init":
                 trainer, exporter, probe = _init(request)
-                reply({"ready": {"global_step": trainer.step, "iteration": trainer.iteration}})
+                work = group.RankWork(trainer, request["batch_size"]) if size > 1 else None
+                reply({"ready": {"global_step": trainer.step, "iteration": trainer.iteration, "ranks": size}})
             elif op == "train":
-                from grpo.artifacts import read_jsonl
-
                 if os.environ.get("GRPO_FAILPOINT") == "trainer-hang":  # tests: a trainer that stops answering
                     threading.Event().wait()
                 from grpo.trainer import drain
 
-                rows = read_jsonl(Path(request["annotated"]))
-                summary = drain(trainer.train(rows, request["iteration"], request["seed"], request["total_steps"]),
-                                reply)
+                summary = drain(trainer.train(request["rows"], request["iteration"], request["seed"],
+                                              request["total_steps"]), reply)
                 reply({"summary": summary})
-            elif op == "probe":
+            elif op == "generate":
+                reply(work.generate(request))
+            elif op == "score":
+                reply(work.score(request))
+            elif op == "engine_probe" and rank == 0:
+                reply({"probe": work.probe(probe)})
+            elif op == "probe" and rank == 0:
                 reply({"probe": trainer.probe_logprobs(probe)})
-            elif op == "weights":
+            elif op == "weights" and rank == 0:
                 reply({"weights": exporter.export(trainer)})
-            elif op == "export":
+            elif op == "export" and rank == 0:
                 trainer.export(Path(request["path"]))
                 reply({"exported": request["path"]})
-            elif op == "save":
+            elif op == "save" and rank == 0:
                 trainer.save(Path(request["path"]))
                 reply({"saving": request["path"]})
-            elif op == "wait_saved":
+            elif op == "wait_saved" and rank == 0:
                 trainer.wait_saved()
                 reply({"saved": True})
         except GrpoError as e:
             reply({"error": str(e)})
-    if trainer is not None:
+    if trainer is not None and rank == 0:
         trainer.wait_saved()
     if exporter is not None:
         exporter.close()

@@ -33,8 +33,11 @@ def place(policy, engine_cfg) -> Placement:
 
 
 class Workspace:
-    def __init__(self, cfg, placement: Placement | None = None, checkpoint: str = "", progress: bool = True):
-        self.cfg, self.checkpoint, self.progress = cfg, checkpoint, progress
+    def __init__(self, cfg, placement: Placement | None = None, checkpoint: str = "", progress: bool = True,
+                 group=None):
+        """group: (trainer client, start) of a trainer group (grpo.group): its ranks are the engine and the
+        reference model, and this process loads neither."""
+        self.cfg, self.checkpoint, self.progress, self.group = cfg, checkpoint, progress, group
         self.placement = placement or place(cfg.policy, cfg.engine)
 
     @cached_property
@@ -59,6 +62,10 @@ class Workspace:
     def engine(self):
         from grpo.engines import make_engine
 
+        if self.group:
+            from grpo.group import GroupEngine
+
+            return GroupEngine(*self.group)
         p = self.placement
         if p.engine == "cuda" and p.engine_memory_fraction and self.cfg.engine.backend == "hf":
             import torch
@@ -75,6 +82,10 @@ class Workspace:
         from grpo.model import load_model
         from grpo.scoring import use_varlen_attention
 
+        if self.group:
+            from grpo.group import GroupReference
+
+            return GroupReference(*self.group)
         model = load_model(self.cfg.policy.model, self.placement.reference, dtype=torch.float32)
         use_varlen_attention(model)
         return model

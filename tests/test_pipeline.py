@@ -136,17 +136,20 @@ def test_killed_at_every_stage_of_every_iteration_and_resumed_each_time(store, p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["main only", "mid checkpoint write"])
+@pytest.mark.parametrize("how", ["main only", "main of a trainer group", "mid checkpoint write"])
 def test_killed_main_run_leaves_nothing_running_or_half_written(store, tiny_model_dir, how):
-    args = [*TINY, "--model", tiny_model_dir, "--max_iterations", "2", "--checkpoint_every", "1"]
+    """Killed, then resumed to the end. A trainer group (two CPU ranks under torchrun, gloo) runs the whole
+    chain: its ranks generate, score and train, and must die with main."""
+    args = [*TINY, "--model", tiny_model_dir, "--max_iterations", "2", "--checkpoint_every", "1",
+            *(["--ranks", "2"] if "group" in how else [])]
     process = _start(args, {"GRPO_FAILPOINT": "checkpoint-write"} if how == "mid checkpoint write" else {})
     run_id = _run_id_of(process)
-    if how == "main only":  # the trainer must not outlive it (and race the resumed run's checkpoints)
+    if how.startswith("main"):  # the trainer must not outlive it (and race the resumed run's checkpoints)
         wait_until(lambda: "finetune-0" in json.loads((Path("grpo_runs") / run_id / "state.json").read_text())["runs"],
                    "finetune-0", 300)
-        trainer = _trainer_pid(process.pid)
+        trainers = _trainer_pids(process.pid, 3 if "group" in how else 1)  # torchrun's agent and its two ranks
         os.kill(process.pid, signal.SIGKILL)
-        wait_until(lambda: not _alive(trainer), "the trainer to die with main", 20)
+        wait_until(lambda: not any(map(_alive, trainers)), "the trainer processes to die with main", 20)
     process.communicate(timeout=300)
     assert process.returncode == -signal.SIGKILL
     checkpoints = Path("grpo_runs") / run_id / "checkpoints"
@@ -156,18 +159,21 @@ def test_killed_main_run_leaves_nothing_running_or_half_written(store, tiny_mode
     _assert_one_clean_run(store, run_id, 2)
 
 
-def _trainer_pid(parent_pid: int) -> int:
-    """The trainer child of a main process, found through /proc."""
+def _trainer_pids(main_pid: int, count: int) -> list[int]:
+    """The trainer processes a main process started (a trainer, or torchrun's agent and its ranks, which sit in
+    sessions of their own), found through /proc by the parent pid main hands down in their environment."""
     def find():
-        for stat in Path("/proc").glob("[0-9]*/stat"):
+        found = []
+        for environ in Path("/proc").glob("[0-9]*/environ"):
             try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                cmdline = (stat.parent / "cmdline").read_bytes()
+                mine = f"GRPO_PARENT_PID={main_pid}".encode() in environ.read_bytes().split(b"\0")
+                cmdline = (environ.parent / "cmdline").read_bytes()
             except OSError:
                 continue
-            if int(fields[1]) == parent_pid and b"grpo.trainer_process" in cmdline:
-                return int(stat.parent.name)
-    return wait_until(find, "a trainer process", 120)
+            if mine and b"grpo.trainer_process" in cmdline:
+                found.append(int(environ.parent.name))
+        return found if len(found) == count else None
+    return wait_until(find, f"{count} trainer processes", 120)
 
 
 def _alive(pid: int) -> bool:
@@ -216,7 +222,7 @@ def test_resume_takes_the_runs_parameters_and_refuses_other_ones(store, tiny_mod
     # a second resume while one is running: one writer, the other refused
     first = _start([*TINY[:2], "--model", tiny_model_dir, "--trainer_timeout", "600"],
                    {**resume, "GRPO_FAILPOINT": "trainer-hang"})
-    wait_until(lambda: _trainer_pid(first.pid), "the first resume's trainer", 120)
+    _trainer_pids(first.pid, 1)
     second = run_entry("main", "--model", tiny_model_dir, env=resume, check=False)
     assert second.returncode != 0 and "is already running" in last_line(second)
     os.killpg(first.pid, signal.SIGKILL)

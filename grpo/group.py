@@ -1,0 +1,255 @@
+"""Several trainer processes as one torch.distributed group, started by `torchrun`: each rank holds the policy
+on its own device, generates its share of every rollout and evaluation, scores its share for the reference
+model, and trains on its share of every optimiser step with the gradients summed over the group (NCCL on GPUs,
+gloo on CPUs). Main talks to rank 0 over the trainer process's JSON protocol; rank 0 passes each request on.
+
+Why every rank does everything: iterations are strictly on-policy (generate, score, then train), so a GPU kept
+for generation alone would idle while the others train, and the reverse. Colocated, no GPU idles, and the
+weights a rank generates with are its own trained ones, copied on the device: nothing crosses the network but
+gradients, requests and results.
+
+Several machines: main's machine is node 0 and holds rank 0; the others join with the command main prints
+(`join_command`). The run's work_dir must be on a filesystem every machine sees (checkpoints are loaded by
+every rank)."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from datetime import timedelta
+
+GRADIENT_BUCKET = 2**25  # elements summed per collective: 128 MB of float32
+
+
+def launch_command(group, node_rank: int = 0) -> list[str]:
+    """torchrun for the trainer group: one machine with its own free port, or node `node_rank` of several
+    meeting at group.rendezvous (static rendezvous: node 0's ranks come first, so rank 0 is main's)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(local_ranks(group))]
+    if group.nodes == 1:
+        cmd += ["--standalone"]
+    else:
+        host, port = group.rendezvous.rsplit(":", 1)
+        cmd += ["--nnodes", str(group.nodes), "--node-rank", str(node_rank), "--rdzv-backend", "static",
+                "--master-addr", host, "--master-port", port]
+    return cmd + ["-m", "grpo.trainer_process"]
+
+
+def join_command(group) -> str:
+    """What to run on each other machine (node k = 1..nodes-1) to join main's trainer group."""
+    cmd = launch_command(group, node_rank=1)
+    cmd[0] = "python"
+    return " ".join(cmd).replace("--node-rank 1", "--node-rank K")
+
+
+def local_ranks(group) -> int:
+    """group.ranks, or 0 = one per visible GPU (1 without a GPU)."""
+    if group.ranks:
+        return group.ranks
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def setup() -> tuple[int, int]:
+    """(rank, world size). Under torchrun: joins the group and picks this rank's GPU. Long timeout: ranks wait
+    in a broadcast for main's next request while main logs, checkpoints or evaluates."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available() and os.environ.get("GRPO_GROUP_DEVICE", "cuda") == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=12))
+    return dist.get_rank(), size
+
+
+def world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def broadcast(value=None):
+    """rank 0's value on every rank (any picklable object)."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(value) -> list | None:
+    """Every rank's value, in rank order, on rank 0 (None elsewhere)."""
+    import torch.distributed as dist
+
+    rank, size = world()
+    out = [None] * size if rank == 0 else None
+    dist.gather_object(value, out, dst=0)
+    return out
+
+
+def share(items: list, rank: int, size: int) -> list:
+    """This rank's items: every size-th, starting at its rank (neighbours in a sorted list spread evenly)."""
+    return items[rank::size]
+
+
+def unshare(parts: list[list]) -> list:
+    """The inverse of `share` over all ranks' parts."""
+    out = [None] * sum(map(len, parts))
+    for rank, part in enumerate(parts):
+        out[rank::len(parts)] = part
+    return out
+
+
+def sum_gradients(params) -> None:
+    """Sum every parameter's gradient over the group (ranks with nothing to train send zeros), in buckets."""
+    import torch
+    import torch.distributed as dist
+
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    bucket, size = [], 0
+    for g in grads + [None]:
+        if g is None or (bucket and size + g.numel() > GRADIENT_BUCKET):
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            dist.all_reduce(flat)
+            offset = 0
+            for t in bucket:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+            bucket, size = [], 0
+        if g is not None:
+            bucket.append(g)
+            size += g.numel()
+
+
+def sum_values(values: dict, maxima: tuple[str, ...] = ()) -> dict:
+    """Numbers (or 0-d tensors) added over the group; the keys in `maxima` take the group's maximum."""
+    import torch
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    as_tensor = lambda ks: torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device)  # noqa
+                                        .reshape(()) for k in ks])
+    added, largest = [k for k in keys if k not in maxima], [k for k in keys if k in maxima]
+    out = {}
+    for ks, op in ((added, dist.ReduceOp.SUM), (largest, dist.ReduceOp.MAX)):
+        if ks:
+            t = as_tensor(ks)
+            dist.all_reduce(t, op=op)
+            out.update(zip(ks, t.tolist()))
+    return out
+
+
+class RankWork:
+    """One rank's generation and reference scoring, on its own device: a serving copy of the policy (bf16 on a
+    GPU), refreshed from the trainer's weights when they have changed, and the reference model."""
+
+    def __init__(self, trainer, batch_size: int):
+        self.trainer, self.batch_size = trainer, batch_size
+        self.engine, self.reference, self.version = None, None, None
+
+    def _engine(self):
+        from grpo.engines.torch_engine import TorchEngine
+        from grpo.model import load_model
+
+        if self.engine is None:
+            model = load_model(self.trainer.model_name, self.trainer.device)
+            self.engine = TorchEngine(model, self.trainer.tokenizer, self.batch_size, progress=False)
+        if self.version != self.trainer.step:
+            self.engine.update_weights(self.trainer.named_weights(), self.trainer.step)
+            self.version = self.trainer.step
+        return self.engine
+
+    def generate(self, request: dict) -> dict | None:
+        """This rank's share of the prompts; on rank 0, every rank's completions in the prompts' order."""
+        rank, size = world()
+        engine = self._engine()
+        prompts = share(request["prompts"], rank, size)
+        outputs = engine.generate(prompts, request["n"], request["temperature"], request["max_new_tokens"],
+                                  seed=request["seed"] * 1_000 + rank) if prompts else []
+        parts = gather(([[(c.token_ids, c.logprobs, c.truncated) for c in group] for group in outputs],
+                        engine.stats.tokens if prompts else 0, engine.stats.seconds if prompts else 0.0))
+        if parts is None:
+            return None
+        return {"completions": unshare([p[0] for p in parts]), "tokens": sum(p[1] for p in parts),
+                "seconds": max(p[2] for p in parts)}
+
+    def probe(self, probe) -> list[float]:
+        return self._engine().probe_logprobs(probe)
+
+    def score(self, request: dict) -> dict | None:
+        """Reference logprobs of this rank's share of the rows; on rank 0, all of them in order."""
+        import torch
+
+        from grpo.model import load_model
+        from grpo.scoring import score_completions, use_varlen_attention
+
+        rank, size = world()
+        if self.reference is None:
+            self.reference = load_model(self.trainer.model_name, self.trainer.device, dtype=torch.float32)
+            use_varlen_attention(self.reference)
+        started = time.perf_counter()
+        prompts, completions = share(request["prompts"], rank, size), share(request["completions"], rank, size)
+        scored = score_completions(self.reference, prompts, completions, request["temperature"]) if prompts else []
+        parts = gather(scored)
+        return None if parts is None else {"logprobs": unshare(parts), "seconds": time.perf_counter() - started}
+
+
+class GroupEngine:
+    """Main's view of the group as a rollout engine (`engines.base.Engine`): generation is the ranks', and the
+    weights they serve are their own, so a hand-over only moves the version on."""
+    name = "group"
+    shares_trainer = True
+    in_place = True
+
+    def __init__(self, client, start):
+        from grpo.engines.base import GenerationStats
+
+        self.client, self.start, self.version = client, start, 0
+        self.stats = GenerationStats()
+        self.tolerance = 0.05  # bf16 serving copy against the trainer's float32 weights under bf16 autocast
+
+    def generate(self, prompts, n, temperature, max_new_tokens, seed=0):
+        from grpo.engines.base import Completion, GenerationStats
+
+        self.start()
+        reply = self.client.ask({"op": "generate", "prompts": prompts, "n": n, "temperature": temperature,
+                                 "max_new_tokens": max_new_tokens, "seed": seed}, "generating")
+        self.stats = GenerationStats(reply["tokens"], reply["seconds"])
+        return [[Completion(list(ids), list(logps), bool(cut)) for ids, logps, cut in group]
+                for group in reply["completions"]]
+
+    def update_weights(self, weights, version: int) -> None:
+        self.version = version
+
+    def probe_logprobs(self, probe) -> list[float]:
+        self.start()
+        return self.client.ask({"op": "engine_probe"}, "scoring the probe")["probe"]
+
+    def release(self) -> None:
+        pass
+
+
+class GroupReference:
+    """Main's view of the group as the reference model: `score_completions` as in grpo.scoring."""
+
+    def __init__(self, client, start):
+        self.client, self.start = client, start
+
+    def score_completions(self, prompts, completions, temperature, progress=None) -> list[list[float]]:
+        self.start()
+        reply = self.client.ask({"op": "score", "prompts": prompts, "completions": completions,
+                                 "temperature": temperature}, "scoring for the reference model")
+        if progress:
+            progress(len(prompts))
+        return reply["logprobs"]

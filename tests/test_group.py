@@ -1,0 +1,93 @@
+"""The trainer as a torch.distributed group (grpo.group) on CPU processes and the gloo backend, launched by the
+real torchrun: two ranks must train to the same weights as one process, and generate and score as one engine
+does; two rendezvous agents on this host stand in for two machines."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from grpo.artifacts import write_jsonl
+from grpo.config import Group, Optim
+from grpo.group import join_command
+from grpo.engines.torch_engine import TorchEngine
+from grpo.model import load_model
+from grpo.scoring import score_completions
+from grpo.trainer import drain
+from grpo.trainer_process import ROOT, TrainerClient
+
+
+def _rows(tokenizer, model):
+    """Seven rows of different lengths and advantages, as annotate writes them (ratio 1, KL 0 at the start)."""
+    prompt = tokenizer("Q: 2+2?\nA:", add_special_tokens=False)["input_ids"]
+    texts = [" \\boxed{4}", " 5 5 5", " four", " \\boxed{5} or so", " 4", " it is 4 I think", " 22"]
+    completions = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    logps = score_completions(model, [prompt] * len(texts), completions, 1.0)
+    return [dict(prompt_ids=prompt, completion_ids=c, logprobs=lp, ref_logprobs=lp, temperature=1.0,
+                 max_new_tokens=16, iteration=0, advantage=[1.0, -1.0, 0.5, -0.5, 1.5, -1.5, 0.25][k])
+            for k, (c, lp) in enumerate(zip(completions, logps))]
+
+
+def _train(model_dir, annotated, out, group):
+    client = TrainerClient(timeout=120)
+    optim = Optim(learning_rate=1e-2, warmup_steps=0, train_batch_size=2, gradient_accumulation_passes=2)
+    ready = client.start(model_dir, optim, "cpu", "", group=group, batch_size=8)["ready"]
+    summaries = [drain(client.train(annotated, 0, 0, 10)) for _ in range(2)]  # two iterations: AdamW state too
+    client.export(out)
+    return client, ready, summaries
+
+
+@pytest.mark.slow
+def test_two_ranks_train_generate_and_score_as_one_process(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRPO_CPU_BF16", "0")  # float32 on both sides: sums differ only in their order
+    model = load_model(tiny_model_dir, "cpu", dtype=torch.float32)
+    annotated = tmp_path / "annotated.jsonl"
+    rows = _rows(tokenizer, model)
+    write_jsonl(rows, annotated)
+    one, ready_one, alone = _train(tiny_model_dir, annotated, tmp_path / "one", Group(ranks=1))
+    one.close()
+    # two machines: main's node 0 and a second rendezvous agent on this host as node 1, one rank each
+    group = Group(ranks=1, nodes=2, rendezvous=f"127.0.0.1:{_free_port()}")
+    command = join_command(group).replace("--node-rank K", "--node-rank 1").split()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    node1 = subprocess.Popen([sys.executable, *command[1:]], stdin=subprocess.DEVNULL, env=env)
+    two, ready_two, grouped = _train(tiny_model_dir, annotated, tmp_path / "two", group)
+    assert (ready_one["ranks"], ready_two["ranks"]) == (1, 2)
+    for a, b in zip(alone, grouped):  # metrics are the whole step's, summed over the ranks
+        for key in ("last_loss", "last_kl", "last_clip_fraction", "last_ratio_mean", "last_ratio_max",
+                    "last_grad_norm", "sampler_gap_mean", "sampler_gap_max", "sequences_trained",
+                    "optimizer_steps"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    weights = [load_file(tmp_path / side / "model.safetensors") for side in ("one", "two")]
+    assert weights[0].keys() == weights[1].keys()
+    moved = load_file(tmp_path / "one" / "model.safetensors")["model.norm.weight"].float()
+    assert not torch.equal(moved, model.model.norm.weight.to(torch.bfloat16).float())  # training did something
+    # Adam turns float-order noise in near-zero gradients into steps of up to lr: a few elements may differ
+    diffs = torch.cat([(weights[1][k].float() - weights[0][k].float()).abs().reshape(-1) for k in weights[0]])
+    assert (diffs > 1e-3).float().mean() < 1e-3 and diffs.max() < 2e-2
+
+    # generation: the ranks share the prompts, rank 0 returns every completion in the prompts' order
+    trained = load_model(str(tmp_path / "two"), "cpu", dtype=torch.float32)
+    prompts = [rows[0]["prompt_ids"], rows[0]["prompt_ids"][:4], rows[0]["prompt_ids"][2:], [5, 6, 7]]
+    reply = two.ask({"op": "generate", "prompts": prompts, "n": 1, "temperature": 0.0, "max_new_tokens": 5,
+                     "seed": 0}, "generating")
+    alone_greedy = TorchEngine(trained, tokenizer, 8, progress=False).generate(prompts, 1, 0.0, 5)
+    assert [g[0][0] for g in reply["completions"]] == [g[0].token_ids for g in alone_greedy]
+    assert reply["tokens"] == sum(len(g[0].token_ids) for g in alone_greedy)
+    completions = [rows[k]["completion_ids"] for k in range(5)]
+    scored = two.ask({"op": "score", "prompts": [rows[0]["prompt_ids"]] * 5, "completions": completions,
+                      "temperature": 0.7}, "scoring")["logprobs"]
+    expected = score_completions(model, [rows[0]["prompt_ids"]] * 5, completions, 0.7)  # the base model
+    for got, want in zip(scored, expected):
+        assert got == pytest.approx(want, abs=1e-5)
+    two.close()
+    assert not two.alive and node1.wait(timeout=60) == 0  # node 1's rank ended when main closed the group
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
