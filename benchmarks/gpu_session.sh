@@ -7,6 +7,8 @@
 #   checks     [.whl .carry0 .baseline .carry1]: installs the wheels, runs benchmarks/gpu_checks.py and a small chain
 #   bench ARGS [.whl .carry0 .baseline .carry1]: installs, then the 1B-shaped iteration benchmark, the old checkout
 #              then this one (benchmarks/iteration.py)
+#   scale RANKS... [.whl .carry0]: installs, a small trainer-group smoke run, then the 1B-shaped iteration
+#              benchmark with each number of ranks (1 = one trainer process beside main's engine on GPU 0)
 #   learn SECONDS ARGS [.carry2]: joins and dequantises SmolLM2 (GGUF split 45 MB + 53 MB so that each call fits),
 #              runs main with ARGS for at most SECONDS, exports the run
 set -u
@@ -34,6 +36,17 @@ bench)
   python3 benchmarks/iteration.py --out /tmp/bench --tokenizer /tmp/tok --name after \
     --extra "--max_tokens_per_micro_batch 8192 --checkpoint_every 2" "$@"
   cp /tmp/bench/*.json "$OUT/" ;;
+scale)
+  setup
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 benchmarks/iteration.py --out /tmp/smoke --tokenizer /tmp/tok --problems 8 --max_new_tokens 64 \
+    --iterations 2 --eval_limit 8 --name smoke --extra "--ranks 2 --checkpoint_every 1" || exit 1
+  mkdir -p /tmp/bench && ln -sfn /tmp/smoke/llama-1b-shape /tmp/bench/llama-1b-shape
+  for ranks in "$@"; do
+    python3 benchmarks/iteration.py --out /tmp/bench --tokenizer /tmp/tok --name "ranks-$ranks" \
+      --extra "--max_tokens_per_micro_batch 8192 --checkpoint_every 2 --ranks $ranks"
+    cp /tmp/bench/*.json "$OUT/"
+  done ;;
 learn)
   budget=$1; shift
   cp .carry2/* /tmp/m/ && cat /tmp/m/part_* > /tmp/m/model.gguf
