@@ -9,6 +9,8 @@
 #              then this one (benchmarks/iteration.py)
 #   scale RANKS... [.whl .carry0]: installs, a small trainer-group smoke run, then the 1B-shaped iteration
 #              benchmark with each number of ranks (1 = one trainer process beside main's engine on GPU 0)
+#   sweeps ARGS [.whl .carry0]: installs, then trials per hour of the sweep with 1 and N workers
+#              (benchmarks/sweep_scale.py ARGS)
 #   learn SECONDS ARGS [.carry2]: joins and dequantises SmolLM2 (GGUF split 45 MB + 53 MB so that each call fits),
 #              runs main with ARGS for at most SECONDS, exports the run
 set -u
@@ -47,6 +49,10 @@ scale)
       --extra "--max_tokens_per_micro_batch 8192 --checkpoint_every 2 --ranks $ranks"
     cp /tmp/bench/*.json "$OUT/"
   done ;;
+sweeps)
+  setup
+  python3 benchmarks/sweep_scale.py --out /tmp/sweeps --tokenizer /tmp/tok "$@"
+  cp /tmp/sweeps/sweep_scale.json "$OUT/" ;;
 learn)
   budget=$1; shift
   cp .carry2/* /tmp/m/ && cat /tmp/m/part_* > /tmp/m/model.gguf

@@ -211,7 +211,9 @@ class Group(Section):
 @dataclass
 class Sweep(Section):
     """Optuna over the searchable fields; one nested MLflow run per trial."""
-    n_trials: int = knob(3, "Trials this worker runs.", low=1)
+    n_trials: int = knob(3, "Trials this command runs (shared by its workers).", low=1)
+    workers: int = knob(1, "Trials run at once, each in its own process pinned to its own GPU (round robin over "
+                        "the visible ones), all nested under this sweep run; 0 = one per visible GPU.", low=0)
     study_name: str = knob("grpo-sweep", "Optuna study to create or join.")
     storage: str = knob("", "Optuna storage URL ('' = sqlite:///optuna.db next to the MLflow store).")
     objective: str = knob("val_accuracy", "Main-run metric the sweep optimises, over evaluations after step 0 "

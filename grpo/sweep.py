@@ -6,9 +6,12 @@ split (objective `val_accuracy` by default) over evaluations after step 0, the o
 accuracy is logged beside it and never used to choose."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from grpo.errors import ConfigError, TrackingError
+
+WORKER_OF = "GRPO_SWEEP_WORKER_OF"  # set in a worker's environment: the sweep run its trials nest under
 
 
 def storage_url(sweep) -> str:
@@ -107,18 +110,79 @@ def run_sweep(cfg, pruner=None):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     check_objective(cfg)
     study = open_study(cfg, pruner)
+    parent = os.environ.get(WORKER_OF)
+    if parent:  # one of a sweep's workers: its trials go under that sweep's run
+        import mlflow
+
+        experiment = mlflow.MlflowClient().get_run(parent).info.experiment_id
+        for _ in range(cfg.sweep.n_trials):
+            _run_trial(study, cfg, experiment, parent)
+        return study
     params = cfg.as_params("sweep") | {"storage": tracking.redact(storage_url(cfg.sweep))}
     with tracking.stage_run("sweep", params, run_name=f"sweep-{cfg.sweep.study_name}",
                             tags={"optuna.study": cfg.sweep.study_name},
                             system_metrics=cfg.tracking.system_metrics) as sweep_run:
-        for _ in range(cfg.sweep.n_trials):
-            _run_trial(study, cfg, sweep_run.info.experiment_id)
+        workers = worker_count(cfg.sweep)
+        if workers > 1:
+            _run_workers(cfg, workers, sweep_run.info.run_id)
+        else:
+            for _ in range(cfg.sweep.n_trials):
+                _run_trial(study, cfg, sweep_run.info.experiment_id)
         _log_summary(study, cfg)
         log_sweep_overlay(sweep_run.info.run_id)
     return study
 
 
-def _run_trial(study, cfg, experiment_id: str) -> None:
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (none without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    named = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return named[:torch.cuda.device_count()] if named else [str(k) for k in range(torch.cuda.device_count())]
+
+
+def worker_count(sweep) -> int:
+    return sweep.workers or max(1, len(visible_gpus()))
+
+
+def _run_workers(cfg, workers: int, sweep_run_id: str) -> None:
+    """`workers` sweep processes at once, sharing the trials, each on its own GPU (round robin; CPU processes
+    without one), one study, trials nested under this sweep run. They die with this process."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from grpo.trainer_process import ROOT, _die_with_parent_signal
+
+    gpus, total = visible_gpus(), cfg.sweep.n_trials
+    shares = [total // workers + (k < total % workers) for k in range(workers)]
+    processes = []
+    for k, trials in enumerate(n for n in shares if n):
+        flags = cfg.replace(n_trials=trials, workers=1, storage=storage_url(cfg.sweep)).as_params("sweep")
+        env = {**os.environ, WORKER_OF: sweep_run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+        env.pop("MLFLOW_RUN_ID", None)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[k % len(gpus)]
+        _say(f"worker {k} runs {trials} trial(s)" + (f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else ""))
+        processes.append(subprocess.Popen([sys.executable, str(ROOT / "entrypoints" / "sweep.py"),
+                                           *[f"--{name}={value}" for name, value in flags.items()]],
+                                          env=env, preexec_fn=_die_with_parent_signal))
+    try:
+        codes = [process.wait() for process in processes]
+    except KeyboardInterrupt:  # Ctrl-C reached the workers too: let them end their trials as KILLED first
+        for process in processes:
+            process.wait(timeout=120)
+        raise
+    failed = [k for k, code in enumerate(codes) if code != 0]
+    if failed:
+        raise TrackingError(f"sweep worker(s) {', '.join(map(str, failed))} failed (their last lines are above); "
+                            "rerun the sweep to add the missing trials to the study")
+
+
+def _run_trial(study, cfg, experiment_id: str, parent: str | None = None) -> None:
     import mlflow
     import optuna
 
@@ -139,7 +203,8 @@ def _run_trial(study, cfg, experiment_id: str) -> None:
                 raise optuna.TrialPruned(f"{objective}={metrics[objective]:.3f} at step {step}")
 
     tags = {"grpo.stage": "trial", "optuna.study": cfg.sweep.study_name, "optuna.trial": str(trial.number)}
-    run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True, experiment_id=experiment_id, tags=tags)
+    run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=parent is None, parent_run_id=parent,
+                           experiment_id=experiment_id, tags=tags)
     status = "FAILED"
     try:
         tracking.log_params(trial_cfg.as_params("main"))

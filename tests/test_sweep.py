@@ -70,14 +70,15 @@ def test_pruned_trial_shows_pruned_in_optuna_and_mlflow(store, tiny_model_dir):
 @pytest.mark.slow
 def test_two_mains_and_two_sweep_workers_share_one_sqlite_store(store, tiny_model_dir, tmp_path):
     """Everything a team starts at once on one embedded store: no 'database is locked', no metric lost, and
-    two sweep workers with the same (default) seed draw distinct trials."""
+    a sweep's two workers (processes with the same seed) draw distinct trials, nested under its one run."""
     common = ["--model", tiny_model_dir, "--backend", "hf", "--problems", "2", "--attempts", "4", "--max_new_tokens",
               "6", "--eval_limit", "2", "--val_limit", "2", "--train_batch_size", "4", "--trace_samples", "1"]
     sweep = [sys.executable, str(ROOT / "entrypoints" / "sweep.py"), *common, "--max_iterations", "1",
-             "--n_trials", "2", "--study_name", "shared", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]
+             "--n_trials", "4", "--workers", "2", "--study_name", "shared",
+             "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]
     main = [sys.executable, str(ROOT / "entrypoints" / "main.py"), *common, "--max_iterations", "2"]
     processes = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
-                 for command in (sweep, sweep, main, main)]
+                 for command in (sweep, main, main)]
     for process in processes:
         _, err = process.communicate(timeout=1200)
         assert process.returncode == 0, err[-2000:]
@@ -88,7 +89,9 @@ def test_two_mains_and_two_sweep_workers_share_one_sqlite_store(store, tiny_mode
     drawn = {tuple(sorted(t.params.items())) for t in study.trials}
     assert len(drawn) == 4, "two workers drew the same trial"
     trials, runs = _trials(store)
-    assert len(trials) == 4
+    (sweep_run,) = [r for r in runs if r.data.tags.get("grpo.stage") == "sweep"]
+    assert len(trials) == 4 and {r.data.tags["mlflow.parentRunId"] for r in trials} == {sweep_run.info.run_id}
+    assert sweep_run.info.status == "FINISHED" and sweep_run.data.metrics["trials_complete"] == 4
     client = mlflow.MlflowClient()
     mains = [r for r in runs if r.data.tags.get("grpo.stage") == "main"]
     assert len(mains) == 2 and all(r.info.status == "FINISHED" for r in mains)
