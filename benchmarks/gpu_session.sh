@@ -7,8 +7,9 @@
 #   checks     [.whl .carry0 .baseline .carry1]: installs the wheels, runs benchmarks/gpu_checks.py and a small chain
 #   bench ARGS [.whl .carry0 .baseline .carry1]: installs, then the 1B-shaped iteration benchmark, the old checkout
 #              then this one (benchmarks/iteration.py)
-#   scale RANKS... [.whl .carry0]: installs, a small trainer-group smoke run, then the 1B-shaped iteration
-#              benchmark with each number of ranks (1 = one trainer process beside main's engine on GPU 0)
+#   scale RANKS... [.whl .carry0]: installs, a small trainer-group smoke run (SMOKE=0: none), then the 1B-shaped
+#              iteration benchmark (ITERATIONS, default 3) with each number of ranks (1 = one trainer process
+#              beside main's engine on GPU 0)
 #   sweeps ARGS [.whl .carry0]: installs, then trials per hour of the sweep with 1 and N workers
 #              (benchmarks/sweep_scale.py ARGS)
 #   learn SECONDS ARGS [.carry2]: joins and dequantises SmolLM2 (GGUF split 45 MB + 53 MB so that each call fits),
@@ -41,12 +42,14 @@ bench)
 scale)
   setup
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 benchmarks/iteration.py --out /tmp/smoke --tokenizer /tmp/tok --problems 8 --max_new_tokens 64 \
-    --iterations 2 --eval_limit 8 --name smoke --extra "--ranks 2 --checkpoint_every 1" || exit 1
-  mkdir -p /tmp/bench && ln -sfn /tmp/smoke/llama-1b-shape /tmp/bench/llama-1b-shape
+  if [ "${SMOKE:-1}" = 1 ]; then
+    python3 benchmarks/iteration.py --out /tmp/smoke --tokenizer /tmp/tok --problems 8 --max_new_tokens 64 \
+      --iterations 2 --eval_limit 8 --name smoke --extra "--ranks 2 --checkpoint_every 1" || exit 1
+    mkdir -p /tmp/bench && ln -sfn /tmp/smoke/llama-1b-shape /tmp/bench/llama-1b-shape
+  fi
   for ranks in "$@"; do
     python3 benchmarks/iteration.py --out /tmp/bench --tokenizer /tmp/tok --name "ranks-$ranks" \
-      --extra "--max_tokens_per_micro_batch 8192 --checkpoint_every 2 --ranks $ranks"
+      --iterations "${ITERATIONS:-3}" --extra "--max_tokens_per_micro_batch 8192 --checkpoint_every 2 --ranks $ranks"
     cp /tmp/bench/*.json "$OUT/"
   done ;;
 sweeps)

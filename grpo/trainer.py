@@ -107,6 +107,7 @@ class Trainer:
         info = checkpoint_info(checkpoint) if checkpoint else {}
         self.step, self.iteration = info.get("global_step", 0), info.get("iteration", -1)
         self._writer: threading.Thread | None = None
+        self._pinned: dict[tuple, torch.Tensor] = {}  # host buffers of GPU checkpoints, reused by every save
         self._snapshot_taken = threading.Event()
         self._snapshot_taken.set()
         self.write_error: BaseException | None = None
@@ -287,10 +288,19 @@ class Trainer:
 
     @torch.no_grad()
     def _snapshot(self):
-        """CPU copies of the weights (tied ones once: HF re-ties them on load) and of the optimiser state."""
+        """Host copies of the weights (tied ones once: HF re-ties them on load) and of the optimiser state. On a
+        GPU they go on a side stream into pinned buffers kept for the next save, so that work queued meanwhile on
+        the device (a trainer group's ranks generate while rank 0 saves) does not wait behind the copy."""
         try:
-            weights = {name: t.to("cpu", copy=True).contiguous() for name, t in _state_once(self.model)}
-            return weights, _to_cpu(self.optimizer.state_dict())
+            state = ({name: t for name, t in _state_once(self.model)}, self.optimizer.state_dict())
+            if self.device != "cuda":
+                return _to_cpu(state)
+            stream = torch.cuda.Stream(device=self.model.device)
+            stream.wait_stream(torch.cuda.default_stream(self.model.device))
+            with torch.cuda.stream(stream):
+                host = _to_host(state, self._pinned, ())
+            stream.synchronize()
+            return host
         finally:
             self._snapshot_taken.set()
 
@@ -345,6 +355,22 @@ def _state_once(model) -> Iterator[tuple[str, torch.Tensor]]:
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             yield name, tensor.detach()
+
+
+def _to_host(value, pinned: dict, path: tuple):
+    """Like _to_cpu for GPU tensors: asynchronous copies into pinned buffers (pinned[path]), made once."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "cuda":
+            return value.detach().clone()
+        buffer = pinned.get(path)
+        if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+            buffer = pinned[path] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        return buffer.copy_(value.detach(), non_blocking=True)
+    if isinstance(value, dict):
+        return {k: _to_host(v, pinned, path + (k,)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_host(v, pinned, path + (k,)) for k, v in enumerate(value))
+    return value
 
 
 def _to_cpu(value):
