@@ -54,7 +54,7 @@ scale)
   done ;;
 sweeps)
   setup
-  python3 benchmarks/sweep_scale.py --out /tmp/sweeps --tokenizer /tmp/tok "$@"
+  python3 benchmarks/sweep_scale.py --out /tmp/sweeps --tokenizer /tmp/tok --file_store "$@"
   cp /tmp/sweeps/sweep_scale.json "$OUT/" ;;
 learn)
   budget=$1; shift

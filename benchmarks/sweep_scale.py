@@ -43,7 +43,8 @@ def run_sweep(model: str, out: Path, workers: int, args) -> float:
              "16", "--val_limit", "16", "--max_iterations", str(args.iterations), "--trace_samples", "0",
              "--system_metrics", "false", "--n_trials", str(args.trials), "--workers", str(workers),
              "--study_name", f"scale-{workers}", "--pruner", "none", "--drop_flat_groups", "false"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
+    uri = (folder / "mlruns").as_uri() if args.file_store else f"sqlite:///{folder / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_FILE_STORE": "true", "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
     done = subprocess.run([sys.executable, str(ROOT / "entrypoints" / "sweep.py"), *flags], cwd=folder, env=env,
                           stderr=subprocess.PIPE, text=True)
@@ -62,6 +63,7 @@ def main(argv=None):
     p.add_argument("--problems", type=int, default=16, help="problems per iteration of a trial")
     p.add_argument("--max_new_tokens", type=int, default=128, help="token limit per completion")
     p.add_argument("--iterations", type=int, default=2, help="iterations per trial")
+    p.add_argument("--file_store", action="store_true", help="MLflow file stores (where only mlflow-skinny is)")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
