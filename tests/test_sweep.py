@@ -74,7 +74,7 @@ def test_two_mains_and_two_sweep_workers_share_one_sqlite_store(store, tiny_mode
     common = ["--model", tiny_model_dir, "--backend", "hf", "--problems", "2", "--attempts", "4", "--max_new_tokens",
               "6", "--eval_limit", "2", "--val_limit", "2", "--train_batch_size", "4", "--trace_samples", "1"]
     sweep = [sys.executable, str(ROOT / "entrypoints" / "sweep.py"), *common, "--max_iterations", "1",
-             "--n_trials", "4", "--workers", "2", "--study_name", "shared",
+             "--n_trials", "2", "--workers", "2", "--study_name", "shared",
              "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]
     main = [sys.executable, str(ROOT / "entrypoints" / "main.py"), *common, "--max_iterations", "2"]
     processes = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
@@ -84,14 +84,14 @@ def test_two_mains_and_two_sweep_workers_share_one_sqlite_store(store, tiny_mode
         assert process.returncode == 0, err[-2000:]
         assert "database is locked" not in err
     study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    assert len(study.trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    assert len(study.trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert sorted(t.number for t in study.trials) == [0, 1]
     drawn = {tuple(sorted(t.params.items())) for t in study.trials}
-    assert len(drawn) == 4, "two workers drew the same trial"
+    assert len(drawn) == 2, "two workers drew the same trial"
     trials, runs = _trials(store)
     (sweep_run,) = [r for r in runs if r.data.tags.get("grpo.stage") == "sweep"]
-    assert len(trials) == 4 and {r.data.tags["mlflow.parentRunId"] for r in trials} == {sweep_run.info.run_id}
-    assert sweep_run.info.status == "FINISHED" and sweep_run.data.metrics["trials_complete"] == 4
+    assert len(trials) == 2 and {r.data.tags["mlflow.parentRunId"] for r in trials} == {sweep_run.info.run_id}
+    assert sweep_run.info.status == "FINISHED" and sweep_run.data.metrics["trials_complete"] == 2
     client = mlflow.MlflowClient()
     mains = [r for r in runs if r.data.tags.get("grpo.stage") == "main"]
     assert len(mains) == 2 and all(r.info.status == "FINISHED" for r in mains)
