@@ -1,10 +1,11 @@
 """The trainer as a torch.distributed group (grpo.group) on CPU processes and the gloo backend, launched by the
 real torchrun: two ranks must train to the same weights as one process, and generate and score as one engine
-does; two rendezvous agents on this host stand in for two machines."""
+does; two rendezvous agents on this host stand in for two machines, and a rank killed takes the group down."""
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,8 +84,25 @@ def test_two_ranks_train_generate_and_score_as_one_process(tiny_model_dir, token
     expected = score_completions(model, [rows[0]["prompt_ids"]] * 5, completions, 0.7)  # the base model
     for got, want in zip(scored, expected):
         assert got == pytest.approx(want, abs=1e-5)
-    two.close()
-    assert not two.alive and node1.wait(timeout=60) == 0  # node 1's rank ended when main closed the group
+    # a rank that dies takes the group down; main hears it at its next request, in one line
+    import signal
+
+    from grpo.errors import TrainerError
+
+    (rank1,) = [int(d.name) for d in Path("/proc").glob("[0-9]*") if _parent(d) == node1.pid]
+    os.kill(rank1, signal.SIGKILL)
+    assert node1.wait(timeout=60) != 0
+    with pytest.raises(TrainerError, match="the trainer process died"):
+        two.ask({"op": "generate", "prompts": prompts, "n": 1, "temperature": 0.0, "max_new_tokens": 5, "seed": 0},
+                "generating")
+    assert not two.alive
+
+
+def _parent(proc: Path) -> int:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 def _free_port() -> int:
