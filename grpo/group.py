@@ -50,6 +50,15 @@ def local_ranks(group) -> int:
     return max(1, torch.cuda.device_count())
 
 
+def check_ranks(ranks: int, device: str, gpus: int) -> None:
+    """One rank per GPU: more ranks than visible GPUs would put two ranks on one card (or fail to start)."""
+    from grpo.errors import ConfigError
+
+    if device == "cuda" and ranks > gpus:
+        raise ConfigError(f"ranks={ranks} but {gpus} GPU(s) are visible; pass ranks=0 (one per GPU) or at most "
+                          f"{gpus}")
+
+
 def setup() -> tuple[int, int]:
     """(rank, world size). Under torchrun: joins the group and picks this rank's GPU. Long timeout: ranks wait
     in a broadcast for main's next request while main logs, checkpoints or evaluates."""

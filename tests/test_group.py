@@ -109,3 +109,13 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_more_ranks_than_gpus_is_one_line():
+    from grpo.errors import ConfigError
+    from grpo.group import check_ranks
+
+    check_ranks(2, "cpu", 0)  # CPU ranks are processes: any number
+    check_ranks(4, "cuda", 4)
+    with pytest.raises(ConfigError, match="ranks=2 but 1 GPU"):
+        check_ranks(2, "cuda", 1)
