@@ -13,7 +13,8 @@
 #   sweeps ARGS [.whl .carry0]: installs, then trials per hour of the sweep with 1 and N workers
 #              (benchmarks/sweep_scale.py ARGS)
 #   learn SECONDS ARGS [.carry2]: joins and dequantises SmolLM2 (GGUF split 45 MB + 53 MB so that each call fits),
-#              runs main with ARGS for at most SECONDS, exports the run
+#              runs main with ARGS for at most SECONDS, exports the run (one call per seed, --seed N; then
+#              benchmarks/seeds.py here puts the seeds of each setting side by side)
 set -u
 phase=$1; shift
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 GRPO_SMOLLM2_GGUF=/tmp/m/model.gguf GRPO_CACHE=/tmp/cache

@@ -1,0 +1,65 @@
+"""Several seeds of several settings, side by side: mean and spread of the final test accuracy and boxed rate, and
+every seed's test accuracy against wall-clock in one figure (a line per seed, one colour per setting).
+
+    python benchmarks/seeds.py CURVES.png reference=DIR,DIR,DIR best=DIR,DIR,DIR
+
+Each DIR is what `export_run.py` wrote for one main run (metrics.csv, run_info.json). The clock starts with the
+main run. Prints a markdown table; a setting's spread is its sample standard deviation and its min..max."""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from export_run import read_metrics  # this folder is on sys.path when the script runs
+
+
+def seed_result(folder: Path) -> dict:
+    series = read_metrics(folder)
+    info = json.loads((folder / "run_info.json").read_text())
+    start = info["start_time_ms"]
+    curve = [((t - start) / 1000, v) for _, (v, t) in sorted(series["test_accuracy"].items())]
+    final = lambda key: series[key][max(series[key])][0]  # noqa: E731
+    return {"seed": info["params"].get("seed", "?"), "test_accuracy": final("test_accuracy"),
+            "test_boxed_rate": final("test_boxed_rate"), "iterations": len(series.get("train_reward_mean", {})),
+            "curve": curve}
+
+
+def spread(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1%} ± {sd:.1%} ({min(values):.1%}..{max(values):.1%})"
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2 or any("=" not in a for a in argv[1:]):
+        sys.exit(__doc__)
+    settings = {name: [seed_result(Path(d)) for d in dirs.split(",")]
+                for name, dirs in (a.split("=", 1) for a in argv[1:])}
+    print("| setting | seeds | test accuracy, mean ± sd (min..max) | test boxed rate | iterations |")
+    print("|---|---|---|---|---|")
+    for name, runs in settings.items():
+        print(f"| {name} | {', '.join(str(r['seed']) for r in runs)} | {spread([r['test_accuracy'] for r in runs])} "
+              f"| {spread([r['test_boxed_rate'] for r in runs])} | "
+              f"{statistics.mean(r['iterations'] for r in runs):.0f} |")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from grpo.plots import _pyplot
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for colour, (name, runs) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], settings.items()):
+        for k, run in enumerate(runs):
+            seconds, accuracy = zip(*run["curve"])
+            axes.plot(seconds, accuracy, marker="o", color=colour, alpha=0.7, label=name if k == 0 else None)
+    axes.set_xlabel("wall-clock seconds since the run started")
+    axes.set_ylabel("test accuracy (greedy)")
+    axes.yaxis.set_major_formatter(plt.FuncFormatter(lambda y, _: f"{y:.0%}"))
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(argv[0], dpi=100)
+    print(f"curves: {argv[0]}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
