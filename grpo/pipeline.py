@@ -40,10 +40,8 @@ class Chain:
     """The stage bodies of one main run and what they share."""
 
     def __init__(self, cfg, folder: Path, runner: StageRunner):
-        from grpo.trainer_process import TrainerClient
+        from grpo.trainer_process import TrainerClient, is_group
         from grpo.workspace import Workspace
-
-        from grpo.trainer_process import is_group
 
         self.cfg, self.folder, self.runner = cfg, folder, runner
         checkpoint = latest_checkpoint(folder)

@@ -44,7 +44,7 @@ class TrainerClient:
         env = {**os.environ, "GRPO_PARENT_PID": str(os.getpid()), "GRPO_GROUP_DEVICE": device,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         cmd = [sys.executable, "-m", "grpo.trainer_process"]
-        if is_group(group):
+        if group is not None and is_group(group):
             cmd = groups.launch_command(group)
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // groups.local_ranks(group))))
         self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
