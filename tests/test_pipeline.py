@@ -136,19 +136,20 @@ def test_killed_at_every_stage_of_every_iteration_and_resumed_each_time(store, p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["main of a trainer group", "mid checkpoint write"])
+@pytest.mark.parametrize("how", ["main only", "main of a trainer group", "mid checkpoint write"])
 def test_killed_main_run_leaves_nothing_running_or_half_written(store, tiny_model_dir, how):
-    """Killed, then resumed to the end. With main alone killed, a trainer group (two CPU ranks under torchrun,
-    gloo) runs the whole chain: its ranks generate, score and train, and torchrun's agent and the ranks must die
-    with main (the one-process trainer dies by the same parent-death signal; the other tests kill its group)."""
+    """Killed, then resumed to the end. With main alone killed, its trainer must die with it; a trainer group (two
+    CPU ranks under torchrun, gloo) runs the whole chain: its ranks generate, score and train, and torchrun's
+    agent and the ranks must die with main."""
+    group = "group" in how
     args = [*TINY, "--model", tiny_model_dir, "--max_iterations", "2", "--checkpoint_every", "1",
-            *(["--ranks", "2"] if how.startswith("main") else [])]
+            *(["--ranks", "2"] if group else [])]
     process = _start(args, {"GRPO_FAILPOINT": "checkpoint-write"} if how == "mid checkpoint write" else {})
     run_id = _run_id_of(process)
     if how.startswith("main"):  # the trainer must not outlive it (and race the resumed run's checkpoints)
         wait_until(lambda: "finetune-0" in json.loads((Path("grpo_runs") / run_id / "state.json").read_text())["runs"],
                    "finetune-0", 300)
-        trainers = _trainer_pids(process.pid, 3)  # torchrun's agent and its two ranks
+        trainers = _trainer_pids(process.pid, 3 if group else 1)  # torchrun's agent and its two ranks, or one
         os.kill(process.pid, signal.SIGKILL)
         wait_until(lambda: not any(map(_alive, trainers)), "the trainer processes to die with main", 20)
     process.communicate(timeout=300)
