@@ -109,13 +109,13 @@ class Scoring(Section):
                                   "soft overlong penalty: completions are scored as if not cut, and lose up to 1 "
                                   "linearly over the last f x max_new_tokens tokens before the limit.", low=0.0,
                                   search=("categorical", (0.0, 0.25)))
+    drop_flat_groups: bool = knob(True, "Skip groups whose attempts all got the same reward: their advantage is 0, "
+                                  "so they add only the KL term and cost a full forward/backward.")
 
     def check(self):
         if self.overlong_buffer >= 1:
             raise ConfigError(f"overlong_buffer is a share of max_new_tokens and must be < 1, got "
                               f"{self.overlong_buffer}")
-    drop_flat_groups: bool = knob(True, "Skip groups whose attempts all got the same reward: their advantage is 0, "
-                                  "so they add only the KL term and cost a full forward/backward.")
 
 
 @dataclass

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from datetime import timedelta
 
 GRADIENT_BUCKET = 2**25  # elements summed per collective: 128 MB of float32
 
 
-def launch_command(group, node_rank: int = 0) -> list[str]:
+def launch_command(group, node_rank: int | str = 0) -> list[str]:
     """torchrun for the trainer group: one machine with its own free port, or node `node_rank` of several
     meeting at group.rendezvous (static rendezvous: node 0's ranks come first, so rank 0 is main's)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(local_ranks(group))]
@@ -36,9 +35,12 @@ def launch_command(group, node_rank: int = 0) -> list[str]:
 
 def join_command(group) -> str:
     """What to run on each other machine (node k = 1..nodes-1) to join main's trainer group."""
-    cmd = launch_command(group, node_rank=1)
-    cmd[0] = "python"
-    return " ".join(cmd).replace("--node-rank 1", "--node-rank K")
+    return " ".join(["python", *launch_command(group, node_rank="K")[1:]])
+
+
+def is_group(group) -> bool:
+    """Whether the trainer runs as a torchrun group (several ranks or machines) rather than one process."""
+    return local_ranks(group) > 1 or group.nodes > 1
 
 
 def local_ranks(group) -> int:
@@ -198,27 +200,21 @@ class RankWork:
 
     def score(self, request: dict) -> dict | None:
         """Reference logprobs of this rank's share of the rows; on rank 0, all of them in order."""
-        import torch
-
-        from grpo.model import load_model
-        from grpo.scoring import score_completions, use_varlen_attention
+        from grpo.scoring import load_reference, score_completions
 
         rank, size = world()
         if self.reference is None:
-            self.reference = load_model(self.trainer.model_name, self.trainer.device, dtype=torch.float32)
-            use_varlen_attention(self.reference)
-        started = time.perf_counter()
+            self.reference = load_reference(self.trainer.model_name, self.trainer.device)
         prompts, completions = share(request["prompts"], rank, size), share(request["completions"], rank, size)
         scored = score_completions(self.reference, prompts, completions, request["temperature"]) if prompts else []
         parts = gather(scored)
-        return None if parts is None else {"logprobs": unshare(parts), "seconds": time.perf_counter() - started}
+        return None if parts is None else {"logprobs": unshare(parts)}
 
 
 class GroupEngine:
     """Main's view of the group as a rollout engine (`engines.base.Engine`): generation is the ranks', and the
     weights they serve are their own, so a hand-over only moves the version on."""
     name = "group"
-    shares_trainer = True
     in_place = True
 
     def __init__(self, client, start):
@@ -239,7 +235,7 @@ class GroupEngine:
                 for group in reply["completions"]]
 
     def update_weights(self, weights, version: int) -> None:
-        self.version = version
+        self.version = version  # `weights` is left unread: the ranks copy their own trained weights
 
     def probe_logprobs(self, probe) -> list[float]:
         self.start()

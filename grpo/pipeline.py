@@ -40,7 +40,8 @@ class Chain:
     """The stage bodies of one main run and what they share."""
 
     def __init__(self, cfg, folder: Path, runner: StageRunner):
-        from grpo.trainer_process import TrainerClient, is_group
+        from grpo.group import is_group
+        from grpo.trainer_process import TrainerClient
         from grpo.workspace import Workspace
 
         self.cfg, self.folder, self.runner = cfg, folder, runner
@@ -107,8 +108,8 @@ class Chain:
         """The trainer's weights into the engine, in memory; verified on the probe sequence."""
         from grpo.engines import publish
 
-        weights = (lambda: ()) if self.grouped else self.trainer.weights  # ranks serve their own weights
-        report = publish(self.ws.engine, weights, self.trained, self.ws.probe, self.trainer.probe(), self.floor or 0.0)
+        report = publish(self.ws.engine, self.trainer.weights, self.trained, self.ws.probe, self.trainer.probe(),
+                         self.floor or 0.0)
         return report | {"probe_floor": self.floor or 0.0}
 
     def replay(self, done) -> None:

@@ -167,6 +167,17 @@ def score_completions(model, prompts, completions, temperature: float, max_token
     return out
 
 
+def load_reference(model: str, device: str):
+    """The starting policy in float32 weights, scored under the trainer's autocast: KL is exactly 0 at step 0."""
+    import torch
+
+    from grpo.model import load_model
+
+    reference = load_model(model, device, dtype=torch.float32)
+    use_varlen_attention(reference)
+    return reference
+
+
 def use_varlen_attention(model) -> bool:
     """On CUDA, switch the model to flash-attention over packed rows (torch's varlen kernel). Elsewhere the
     model keeps SDPA, which transformers masks per row from the restarting position ids."""

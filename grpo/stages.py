@@ -60,8 +60,8 @@ def rollout(engine, builder, pool, sampling, max_new_tokens: int, iteration: int
     rewards that differ; the batch is those groups, topped up with flat ones when the draws run out, in the
     order they were drawn. Outcome metrics describe every sampled completion, kept or not."""
     wanted, groups, seen = sampling.problems, [], set()
-    tokens = seconds = draws = 0
-    while draws < sampling.max_draws and sum(map(_has_signal, groups)) < wanted:
+    tokens = seconds = draws = found = 0
+    while draws < sampling.max_draws and found < wanted:
         problems = [p for p in _draw_problems(pool, iteration, wanted, seed, draws) if p.id not in seen]
         if not problems:  # a pool this small has nothing left to draw
             break
@@ -70,9 +70,11 @@ def rollout(engine, builder, pool, sampling, max_new_tokens: int, iteration: int
         outputs = engine.generate(prompt_ids, sampling.attempts, sampling.temperature, max_new_tokens,
                                   seed=seed * 1_000_003 + iteration + draws * 100_003)
         tokens, seconds, draws = tokens + engine.stats.tokens, seconds + engine.stats.seconds, draws + 1
-        groups += _groups(_rows(problems, prompt_ids, outputs, builder, iteration=iteration,
-                                temperature=sampling.temperature, max_new_tokens=max_new_tokens, model=model,
-                                policy_version=engine.version))
+        drawn = _groups(_rows(problems, prompt_ids, outputs, builder, iteration=iteration,
+                              temperature=sampling.temperature, max_new_tokens=max_new_tokens, model=model,
+                              policy_version=engine.version))
+        groups += drawn
+        found += sum(map(_has_signal, drawn))
     signal = [g for g in groups if _has_signal(g)][:wanted]
     flat = [g for g in groups if not _has_signal(g)][:wanted - len(signal)]
     keep = {id(g) for g in signal + flat}
@@ -81,7 +83,7 @@ def rollout(engine, builder, pool, sampling, max_new_tokens: int, iteration: int
     metrics.update(tokens_per_s=tokens / seconds if seconds else 0.0, generated_tokens=tokens, seconds=seconds)
     if sampling.max_draws > 1:
         metrics.update(draws=draws, groups_sampled=len(groups), signal_groups_kept=len(signal),
-                       signal_groups_found=sum(map(_has_signal, groups)))
+                       signal_groups_found=found)
     return rows, metrics
 
 

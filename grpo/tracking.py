@@ -131,7 +131,6 @@ def end_runs_condaless_mlflow_run_left(experiment_name: str) -> None:
             "start the project with: mlflow run . --env-manager local")
 
 
-
 @contextlib.contextmanager
 def _sqlite_init_lock(uri: str):
     """An exclusive file lock next to an SQLite store (no-op for other stores)."""

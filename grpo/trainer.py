@@ -167,6 +167,7 @@ class Trainer:
         """Forward and backward over this rank's micro-batches of one optimiser step, each weighted by the whole
         step's totals (so ranks' gradients add up to the step's); the step's loss and metric sums, over the
         group (one host sync)."""
+        from grpo.group import sum_gradients, sum_values, world
         from grpo.loss import grpo_loss, token_weights, truncated_is_weight
         from grpo.scoring import autocast, sequence_logprobs
 
@@ -196,8 +197,6 @@ class Trainer:
             for k, v in m.items():
                 sums[k] += v
         gap.pending = False
-        from grpo.group import sum_gradients, sum_values, world
-
         if world()[1] > 1:
             sum_gradients(self.model.parameters())
             return sum_values(sums, maxima=("ratio_max",))
@@ -294,7 +293,7 @@ class Trainer:
         try:
             state = ({name: t for name, t in _state_once(self.model)}, self.optimizer.state_dict())
             if self.device != "cuda":
-                return _to_cpu(state)
+                return _to_host(state)
             stream = torch.cuda.Stream(device=self.model.device)
             stream.wait_stream(torch.cuda.default_stream(self.model.device))
             with torch.cuda.stream(stream):
@@ -357,11 +356,12 @@ def _state_once(model) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, tensor.detach()
 
 
-def _to_host(value, pinned: dict, path: tuple):
-    """Like _to_cpu for GPU tensors: asynchronous copies into pinned buffers (pinned[path]), made once."""
+def _to_host(value, pinned: dict | None = None, path: tuple = ()):
+    """CPU copies of the tensors in a nested state (dicts, lists, tuples). With `pinned`, GPU tensors are copied
+    asynchronously into pinned buffers kept in pinned[path] for the next call (the caller synchronises)."""
     if isinstance(value, torch.Tensor):
-        if value.device.type != "cuda":
-            return value.detach().clone()
+        if pinned is None or value.device.type != "cuda":
+            return value.detach().to("cpu", copy=True)
         buffer = pinned.get(path)
         if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
             buffer = pinned[path] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
@@ -370,16 +370,6 @@ def _to_host(value, pinned: dict, path: tuple):
         return {k: _to_host(v, pinned, path + (k,)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_to_host(v, pinned, path + (k,)) for k, v in enumerate(value))
-    return value
-
-
-def _to_cpu(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
     return value
 
 

@@ -44,7 +44,7 @@ class TrainerClient:
         env = {**os.environ, "GRPO_PARENT_PID": str(os.getpid()), "GRPO_GROUP_DEVICE": device,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         cmd = [sys.executable, "-m", "grpo.trainer_process"]
-        if group is not None and is_group(group):
+        if group is not None and groups.is_group(group):
             cmd = groups.launch_command(group)
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // groups.local_ranks(group))))
         self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
@@ -108,8 +108,9 @@ class TrainerClient:
         return self.ask({"op": "probe"}, "scoring the probe")["probe"]
 
     def weights(self):
-        """Iterator of (name, tensor) of the worker's current policy, in memory."""
-        return _receive(self.ask({"op": "weights"}, "handing the new weights over")["weights"], self)
+        """Iterator of (name, tensor) of the worker's current policy, in memory; the worker exports them when the
+        iterator is first read (an engine that serves the trainer's own weights never reads it)."""
+        yield from _receive(self.ask({"op": "weights"}, "handing the new weights over")["weights"], self)
 
     def export(self, folder: Path) -> None:
         """The current policy written as a bf16 Hugging Face folder (for a logged model)."""
@@ -135,13 +136,6 @@ class TrainerClient:
                 self.process.kill()
         self.process = None
         self._cuda_buffer = None
-
-
-def is_group(group) -> bool:
-    """Whether the trainer runs as a torchrun group (several ranks or machines) rather than one process."""
-    from grpo.group import local_ranks
-
-    return local_ranks(group) > 1 or group.nodes > 1
 
 
 def _die_with_parent_signal() -> None:
@@ -222,10 +216,7 @@ class _Exporter:
 def _die_with_parent() -> None:
     """A SIGKILLed main run must not leave a trainer writing checkpoints that the resumed run also writes. A rank
     of a trainer group dies with its torchrun agent, which main starts to die with main."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    _die_with_parent_signal()
     if "TORCHELASTIC_RUN_ID" in os.environ:
         if os.getppid() == 1:
             sys.exit("trainer rank: torchrun agent already gone")

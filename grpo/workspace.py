@@ -77,18 +77,13 @@ class Workspace:
     @cached_property
     def reference(self):
         """The starting policy, float32 weights scored under the trainer's autocast: KL is exactly 0 at step 0."""
-        import torch
-
-        from grpo.model import load_model
-        from grpo.scoring import use_varlen_attention
-
         if self.group:
             from grpo.group import GroupReference
 
             return GroupReference(*self.group)
-        model = load_model(self.cfg.policy.model, self.placement.reference, dtype=torch.float32)
-        use_varlen_attention(model)
-        return model
+        from grpo.scoring import load_reference
+
+        return load_reference(self.cfg.policy.model, self.placement.reference)
 
     @cached_property
     def probe(self):
