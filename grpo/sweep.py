@@ -114,6 +114,10 @@ def run_sweep(cfg, pruner=None):
     if parent:  # one of a sweep's workers: its trials go under that sweep's run
         import mlflow
 
+        from grpo.trainer_process import die_with_parent
+
+        die_with_parent()
+
         experiment = mlflow.MlflowClient().get_run(parent).info.experiment_id
         for _ in range(cfg.sweep.n_trials):
             _run_trial(study, cfg, experiment, parent)
@@ -155,21 +159,22 @@ def _run_workers(cfg, workers: int, sweep_run_id: str) -> None:
 
     import mlflow
 
-    from grpo.trainer_process import ROOT, _die_with_parent_signal
+    from grpo.trainer_process import ROOT
 
     gpus, total = visible_gpus(), cfg.sweep.n_trials
     shares = [total // workers + (k < total % workers) for k in range(workers)]
     processes = []
     for k, trials in enumerate(n for n in shares if n):
         flags = cfg.replace(n_trials=trials, workers=1, storage=storage_url(cfg.sweep)).as_params("sweep")
-        env = {**os.environ, WORKER_OF: sweep_run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+        env = {**os.environ, WORKER_OF: sweep_run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+               "GRPO_PARENT_PID": str(os.getpid())}
         env.pop("MLFLOW_RUN_ID", None)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[k % len(gpus)]
         _say(f"worker {k} runs {trials} trial(s)" + (f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else ""))
         processes.append(subprocess.Popen([sys.executable, str(ROOT / "entrypoints" / "sweep.py"),
                                            *[f"--{name}={value}" for name, value in flags.items()]],
-                                          env=env, preexec_fn=_die_with_parent_signal))
+                                          env=env))
     try:
         codes = [process.wait() for process in processes]
     except KeyboardInterrupt:  # Ctrl-C reached the workers too: let them end their trials as KILLED first

@@ -44,11 +44,10 @@ class TrainerClient:
         env = {**os.environ, "GRPO_PARENT_PID": str(os.getpid()), "GRPO_GROUP_DEVICE": device,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         cmd = [sys.executable, "-m", "grpo.trainer_process"]
-        if group is not None and groups.is_group(group):
-            cmd = groups.launch_command(group)
+        if group is not None and groups.is_group(group):  # torchrun, started by a process that dies with main
+            cmd += ["--exec", *groups.launch_command(group)]
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // groups.local_ranks(group))))
-        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                                        preexec_fn=_die_with_parent_signal)
+        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.lines = queue.Queue()
         threading.Thread(target=_pump, args=(self.process.stdout, self.lines), daemon=True).start()
         self._send({"op": "init", "model": model, "optim": dataclasses.asdict(optim), "device": device,
@@ -138,14 +137,6 @@ class TrainerClient:
         self._cuda_buffer = None
 
 
-def _die_with_parent_signal() -> None:
-    """In the child before exec: die when main dies (a torchrun agent passes that on to its ranks)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def _pump(stream, lines: queue.Queue) -> None:
     for line in stream:
         lines.put(line)
@@ -213,15 +204,20 @@ class _Exporter:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _die_with_parent() -> None:
-    """A SIGKILLed main run must not leave a trainer writing checkpoints that the resumed run also writes. A rank
-    of a trainer group dies with its torchrun agent, which main starts to die with main."""
-    _die_with_parent_signal()
+def die_with_parent() -> None:
+    """A process main starts dies when main dies (Linux parent-death signal, kept across exec): a SIGKILLed main
+    run must not leave a trainer writing checkpoints that the resumed run also writes. A rank of a trainer group
+    dies with its torchrun agent, which dies with main. Set in the child itself, not by Popen's preexec_fn, whose
+    fork hooks can swallow a Ctrl-C that lands while main starts it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if "TORCHELASTIC_RUN_ID" in os.environ:
         if os.getppid() == 1:
             sys.exit("trainer rank: torchrun agent already gone")
     elif str(os.getppid()) != os.environ.get("GRPO_PARENT_PID", str(os.getppid())):
-        sys.exit("trainer: parent already gone")
+        sys.exit("grpo: parent process already gone")
 
 
 def _requests(rank: int, size: int, reply):
@@ -255,7 +251,7 @@ def serve() -> None:
     `init` starts from the last complete checkpoint. In a trainer group every rank runs this loop on the same
     requests; rank 0 alone answers, exports and writes checkpoints (the ranks' weights are the same)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is main's to handle: it stops this process itself
-    _die_with_parent()
+    die_with_parent()
     from grpo import group
     from grpo.console import quiet
 
@@ -322,4 +318,7 @@ def _init(request: dict):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--exec"]:  # the trainer group's torchrun agent, dying with main
+        die_with_parent()
+        os.execv(sys.argv[2], sys.argv[2:])
     serve()
