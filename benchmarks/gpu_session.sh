@@ -12,6 +12,12 @@
 #              beside main's engine on GPU 0)
 #   sweeps ARGS [.whl .carry0]: installs, then trials per hour of the sweep with 1 and N workers
 #              (benchmarks/sweep_scale.py ARGS)
+#   prep [.whl .carry0], then [.carry1], then [.carry2]: installs / copies what the call carries; with both GGUF
+#              parts there, joins the model (three calls in a row: wheels and model together pass 64 MiB)
+#   study ARGS [nothing]: starts benchmarks/study.py ARGS --out /tmp/study in its own session from a copy of the
+#              code, so that it outlives the call (a machine stays while calls follow each other)
+#   wait SECONDS: waits for the study (at most SECONDS) and prints its log's end and the GPUs' use
+#   collect: the study's results as $OUT/study.tgz (stores, exports, figures; no checkpoints)
 #   learn SECONDS ARGS [.carry2]: joins and dequantises SmolLM2 (GGUF split 45 MB + 53 MB so that each call fits),
 #              runs main with ARGS for at most SECONDS, exports the run (one call per seed, --seed N; then
 #              benchmarks/seeds.py here puts the seeds of each setting side by side)
@@ -57,6 +63,26 @@ sweeps)
   setup
   python3 benchmarks/sweep_scale.py --out /tmp/sweeps --tokenizer /tmp/tok --file_store "$@"
   cp /tmp/sweeps/sweep_scale.json "$OUT/" ;;
+prep)
+  [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target \
+    /tmp/site .whl/*.whl 2>&1 | grep -v "WARNING: Target directory"
+  [ -d .carry0 ] && { rm -rf /tmp/tok; cp -r .carry0/tok /tmp/tok; }
+  cp .carry1/* .carry2/* /tmp/m/ 2>/dev/null
+  if [ -f /tmp/m/part_aa ] && [ -f /tmp/m/part_ac ]; then cat /tmp/m/part_* > /tmp/m/model.gguf; md5sum /tmp/m/model.gguf; fi
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; ls /tmp/m /tmp/site | head -3 ;;
+study)
+  rm -rf /tmp/code /tmp/study && mkdir -p /tmp/study && cp -r "$PWD" /tmp/code
+  cd /tmp/code && setsid nohup python3 benchmarks/study.py --out /tmp/study "$@" >/tmp/study/log 2>&1 </dev/null &
+  sleep 20; cat /tmp/study/log ;;
+wait)
+  end=$((SECONDS + $1))
+  while [ $SECONDS -lt $end ] && pgrep -f benchmarks/study.py >/dev/null; do sleep 10; done
+  grep -v -E "Downloading artifacts|Warning" /tmp/study/log | tail -40
+  nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader ;;
+collect)
+  cp /tmp/study/log /tmp/study/study.log
+  tar czf "$OUT/study.tgz" -C /tmp --exclude=grpo_runs --exclude='*.safetensors' --exclude='*.pt' study
+  ls -la "$OUT" ;;
 learn)
   budget=$1; shift
   cp .carry2/* /tmp/m/ && cat /tmp/m/part_* > /tmp/m/model.gguf
