@@ -1,7 +1,7 @@
 """Checks of the GPU-only code paths, printed as a table (run on a CUDA machine; CI has none):
 packed flash-attention (varlen) logprobs and gradients against the padded SDPA layout, the static-cache sampler's
-logprobs against the trainer's, its one KV buffer across batch shapes, and weights handed to another process by
-CUDA IPC.
+logprobs against the trainer's, its one KV buffer across batch shapes, weights handed to another process by
+CUDA IPC, and the probe check's precision (trainer vs a bf16 engine on a sharpened SmolLM2-shaped policy).
 
     python benchmarks/gpu_checks.py [TOKENIZER_FOLDER]     # default: the bundled SmolLM2's"""
 from __future__ import annotations
@@ -102,6 +102,41 @@ sys.stdin.readline()
     rows.append(f"| CUDA IPC between processes | {'ok' if ok else 'WRONG VALUES'} | - |")
 
 
+def probe_precision(rows: list[str]) -> None:
+    """The hand-over check compares the engine's probe logprobs with the trainer's: in the engine's precision (weights
+    rounded to bf16) and, as before, under autocast (float32 residual stream), on a SmolLM2-shaped random policy
+    as loaded and with its weights scaled up (sharper, as long runs make it)."""
+    import tempfile
+
+    from grpo.config import Optim
+    from grpo.engines.base import Probe, probe_gap
+    from grpo.engines.torch_engine import TorchEngine
+    from grpo.model import load_model
+    from grpo.trainer import Trainer
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from sweep_scale import build_model
+
+    folder = build_model(Path(tempfile.mkdtemp()) / "smollm2-shape", sys.argv[1] if len(sys.argv) > 1 else
+                         str(__import__("grpo.model", fromlist=["resolve"]).resolve("smollm2-135m")))
+    trainer = Trainer(folder, Optim(), "cuda")
+    engine = TorchEngine(load_model(folder, "cuda"), trainer.tokenizer, batch_size=8, progress=False)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, len(trainer.tokenizer), (160,), generator=g).tolist()
+    probe = Probe(ids[:100], ids[100:])
+    for scale in (1.0, 1.5):
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.mul_(scale)
+        engine.update_weights(trainer.named_weights(), 1)
+        served = engine.probe_logprobs(probe)
+        rounded = probe_gap(served, trainer.probe_logprobs(probe))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            autocast = probe_gap(served, trainer.probe_logprobs(probe, torch.float32))
+        rows.append(f"| probe gap, bf16 engine vs trainer, weights x{scale:g} more | bf16-rounded {rounded:.4f} nats, "
+                    f"autocast {autocast:.4f} | tolerance {engine.tolerance} |")
+
+
 def main() -> None:
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -111,7 +146,7 @@ def main() -> None:
         signature = "no torch.nn.attention.varlen"
     rows = ["| check | result | note |", "|---|---|---|",
             f"| torch {torch.__version__}, {torch.cuda.get_device_name()} | {signature} | - |"]
-    for check in (varlen_vs_padded, sampler_parity, cuda_ipc):
+    for check in (varlen_vs_padded, sampler_parity, cuda_ipc, probe_precision):
         try:
             check(rows)
         except Exception as e:  # report and go on: each check is independent

@@ -4,7 +4,8 @@ every seed's test accuracy against wall-clock in one figure (a line per seed, on
     python benchmarks/seeds.py CURVES.png reference=DIR,DIR,DIR best=DIR,DIR,DIR
 
 Each DIR is what `export_run.py` wrote for one main run (metrics.csv, run_info.json). The clock starts with the
-main run. Prints a markdown table; a setting's spread is its sample standard deviation and its min..max."""
+main run. Prints a markdown table; a setting's spread is its sample standard deviation and its min..max; a run that
+did not finish counts with its last evaluation."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ def seed_result(folder: Path) -> dict:
     start = info["start_time_ms"]
     curve = [((t - start) / 1000, v) for _, (v, t) in sorted(series["test_accuracy"].items())]
     final = lambda key: series[key][max(series[key])][0]  # noqa: E731
-    return {"seed": info["params"].get("seed", "?"), "test_accuracy": final("test_accuracy"),
+    return {"seed": info["params"].get("seed", "?"), "status": info["status"], "test_accuracy": final("test_accuracy"),
             "test_boxed_rate": final("test_boxed_rate"), "iterations": len(series.get("train_reward_mean", {})),
             "curve": curve}
 
@@ -36,12 +37,15 @@ def main(argv: list[str]) -> None:
         sys.exit(__doc__)
     settings = {name: [seed_result(Path(d)) for d in dirs.split(",")]
                 for name, dirs in (a.split("=", 1) for a in argv[1:])}
-    print("| setting | seeds | test accuracy, mean ± sd (min..max) | test boxed rate | iterations |")
-    print("|---|---|---|---|---|")
+    print("| setting | seeds | test accuracy at the end, mean ± sd (min..max) | test boxed rate | best test accuracy "
+          "| iterations | runs not FINISHED |")
+    print("|---|---|---|---|---|---|---|")
     for name, runs in settings.items():
+        unfinished = ", ".join(f"seed {r['seed']}: {r['status']}" for r in runs if r["status"] != "FINISHED")
         print(f"| {name} | {', '.join(str(r['seed']) for r in runs)} | {spread([r['test_accuracy'] for r in runs])} "
               f"| {spread([r['test_boxed_rate'] for r in runs])} | "
-              f"{statistics.mean(r['iterations'] for r in runs):.0f} |")
+              f"{spread([max(v for _, v in r['curve']) for r in runs])} | "
+              f"{statistics.mean(r['iterations'] for r in runs):.0f} | {unfinished or '-'} |")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from grpo.plots import _pyplot
 
@@ -53,7 +57,7 @@ def main(argv: list[str]) -> None:
             axes.plot(seconds, accuracy, marker="o", color=colour, alpha=0.7, label=name if k == 0 else None)
     axes.set_xlabel("wall-clock seconds since the run started")
     axes.set_ylabel("test accuracy (greedy)")
-    axes.yaxis.set_major_formatter(plt.FuncFormatter(lambda y, _: f"{y:.0%}"))
+    axes.yaxis.set_major_formatter(plt.FuncFormatter(lambda y, _: f"{y:.1%}"))
     axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()

@@ -96,7 +96,7 @@ class Chain:
             if self.floor is None:  # engine and trainer hold the same weights now: their precision difference
                 from grpo.engines.base import probe_gap
 
-                self.floor = probe_gap(self.ws.engine.probe_logprobs(self.ws.probe), self.trainer.probe())
+                self.floor = probe_gap(self.ws.engine.probe_logprobs(self.ws.probe), self.trainer.probe()[0])
 
     def planned_steps(self) -> int:
         """Optimiser steps of the whole run if every group had signal: the horizon of the cosine schedule."""
@@ -108,9 +108,10 @@ class Chain:
         """The trainer's weights into the engine, in memory; verified on the probe sequence."""
         from grpo.engines import publish
 
-        report = publish(self.ws.engine, self.trainer.weights, self.trained, self.ws.probe, self.trainer.probe(),
-                         self.floor or 0.0)
-        return report | {"probe_floor": self.floor or 0.0}
+        expected, precision = self.trainer.probe()
+        floor = max(self.floor or 0.0, precision)
+        report = publish(self.ws.engine, self.trainer.weights, self.trained, self.ws.probe, expected, floor)
+        return report | {"probe_floor": floor}
 
     def replay(self, done) -> None:
         """Finetune stages that finished after the newest checkpoint: train on their annotated rows again, without

@@ -243,16 +243,36 @@ class Trainer:
         yield from self.model.named_parameters()
 
     @torch.no_grad()
-    def probe_logprobs(self, probe) -> list[float]:
-        """The probe in the precision the engine serves: bf16 on a GPU (the training forward), float32 on a CPU."""
-        import contextlib
-
+    def probe_logprobs(self, probe, dtype: torch.dtype | None = None) -> list[float]:
+        """The probe under the weights as the engine serves them: rounded to `dtype` (default bf16 on a GPU,
+        float32 on a CPU) and run in it. Not under autocast: that keeps the residual stream in float32, and its
+        gap to a bf16 engine grows as training sharpens the policy (a run of 90 iterations crossed the check's
+        tolerance with the engine serving the right weights)."""
         from grpo.scoring import pack, sequence_logprobs
 
+        dtype = dtype or (torch.bfloat16 if self.device == "cuda" else torch.float32)
         packed = pack([probe.prompt], [probe.completion], self.device)
-        bf16 = torch.autocast("cuda", dtype=torch.bfloat16) if self.device == "cuda" else contextlib.nullcontext()
-        with bf16:
-            return sequence_logprobs(self.model, packed, 1.0).tolist()
+        self._snapshot_taken.wait()  # a checkpoint's copy must not see the rounded weights
+        kept = {p: p.data for p in self.model.parameters()}  # tied weights are one parameter
+        try:
+            for p in kept:
+                p.data = p.data.to(dtype)
+            return sequence_logprobs(self.model, packed, 1.0).float().tolist()
+        finally:
+            for p, data in kept.items():
+                p.data = data
+
+    def probe_with_precision(self, probe) -> tuple[list[float], float]:
+        """probe_logprobs, and their mean gap to the probe with float32 weights and residual stream (bf16 matmuls
+        under autocast: flash attention takes no float32): how sensitive the policy is now to the serving
+        precision; the hand-over check allows twice that. 0 on a CPU, which serves float32."""
+        from grpo.engines.base import probe_gap
+
+        served = self.probe_logprobs(probe)
+        if self.device != "cuda":
+            return served, 0.0
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return served, probe_gap(served, self.probe_logprobs(probe, torch.float32))
 
     @torch.no_grad()
     def export(self, folder: Path) -> None:

@@ -102,9 +102,12 @@ class TrainerClient:
                 return reply["summary"]
             yield reply
 
-    def probe(self) -> list[float]:
-        """The trainer's logprobs of the probe sequence under its current weights."""
-        return self.ask({"op": "probe"}, "scoring the probe")["probe"]
+    def probe(self) -> tuple[list[float], float]:
+        """The trainer's logprobs of the probe sequence under its current weights as the engine serves them, and
+        how far those stand from the float32 ones (the policy's sensitivity to the serving precision, which grows
+        as training sharpens it)."""
+        reply = self.ask({"op": "probe"}, "scoring the probe")
+        return reply["probe"], reply["precision"]
 
     def weights(self):
         """Iterator of (name, tensor) of the worker's current policy, in memory; the worker exports them when the
@@ -283,7 +286,8 @@ def serve() -> None:
             elif op == "engine_probe" and rank == 0:
                 reply({"probe": work.probe(probe)})
             elif op == "probe" and rank == 0:
-                reply({"probe": trainer.probe_logprobs(probe)})
+                served, precision = trainer.probe_with_precision(probe)
+                reply({"probe": served, "precision": precision})
             elif op == "weights" and rank == 0:
                 reply({"weights": exporter.export(trainer)})
             elif op == "export" and rank == 0:

@@ -77,3 +77,29 @@ def test_served_weights_match_within_the_serving_precision():
     assert served_weights_match([-1.0, -2.0], [-1.0, -2.0005], 1e-3)
     assert not served_weights_match([-1.0, -2.0], [-1.5, -2.0], 1e-3)
     assert served_weights_match([-1.0, -2.0], [-1.08, -2.0], 0.05) and not served_weights_match([-1.0], [-1.2], 0.05)
+
+
+def test_the_trainer_probes_in_the_precision_the_engine_serves(tiny_model_dir, tokenizer):
+    """The probe check compares the engine with the trainer's weights as the engine serves them. A policy sharpened
+    far from its start (every weight scaled up, as long GRPO runs sharpen it) served in bf16 matches the trainer's
+    probe with its weights rounded to bf16 closely, and not its float32 or autocast probe (on a GPU, autocast's
+    gap grew past the tolerance after 60-90 iterations and stopped correct runs)."""
+    from grpo.config import Optim
+    from grpo.engines.base import probe_gap
+    from grpo.trainer import Trainer
+
+    trainer = Trainer(tiny_model_dir, Optim(), "cpu")
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.mul_(2.5)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    engine = TorchEngine(load_model(tiny_model_dir, "cpu", dtype=torch.bfloat16), tokenizer, 4, progress=False)
+    engine.update_weights(trainer.named_weights(), 1)
+    probe = Probe(_prompts(tokenizer, 1)[0], tokenizer(" so the answer is \\boxed{42}", add_special_tokens=False)
+                  ["input_ids"])
+    served = engine.probe_logprobs(probe)
+    rounded, exact = trainer.probe_logprobs(probe, torch.bfloat16), trainer.probe_logprobs(probe, torch.float32)
+    assert probe_gap(served, rounded) < 0.25 * probe_gap(served, exact), (probe_gap(served, rounded),
+                                                                          probe_gap(served, exact))
+    for name, p in trainer.model.named_parameters():  # the trainer's float32 weights are untouched
+        assert p.dtype == torch.float32 and torch.equal(p, before[name]), name

@@ -33,8 +33,9 @@ def make_engine(engine_cfg, model: str, device: str, checkpoint: str = "", seed:
 
 def publish(engine, weights, version: int, probe, expected: list[float], floor: float = 0.0) -> dict:
     """New weights into a running engine, verified: weights() yields (HF name, tensor); expected is the trainer's
-    probe logprobs for them; floor is the probe gap measured while engine and trainer held the same weights (their
-    precision difference), so the check allows max(engine.tolerance, 2 x floor). In place first; if the probe
+    probe logprobs for them; floor is their expected precision difference (the probe gap measured while engine and
+    trainer held the same weights, or the policy's sensitivity to the serving precision now, which grows as
+    training sharpens it), so the check allows max(engine.tolerance, 2 x floor). In place first; if the probe
     disagrees, the engine is rebuilt on the weights (with a warning, once: an engine that cannot update in place is
     rebuilt directly from then on). Returns timings."""
     import time
@@ -50,8 +51,9 @@ def publish(engine, weights, version: int, probe, expected: list[float], floor: 
         if served_weights_match(served, expected, tolerance):
             return report(served, 0)
         if not hasattr(engine, "rebuild"):
-            raise ModelError(f"the engine does not serve the weights the trainer handed over (probe gap "
-                             f"{probe_gap(served, expected):.3g} nats, allowed {tolerance:.3g}); pass backend=hf")
+            raise ModelError(f"the {engine.name} engine does not serve the weights the trainer handed over (probe "
+                             f"gap {probe_gap(served, expected):.3g} nats, allowed {tolerance:.3g}); "
+                             + ("pass backend=hf" if engine.name != "hf" else "please report this with the run's log"))
         warnings.warn(f"{engine.name} did not take new weights in place (probe gap {probe_gap(served, expected):.3g} "
                       "nats); it is rebuilt on them instead, now and from here on", RuntimeWarning, stacklevel=2)
         engine.in_place = False
