@@ -103,3 +103,21 @@ def test_the_trainer_probes_in_the_precision_the_engine_serves(tiny_model_dir, t
                                                                           probe_gap(served, exact))
     for name, p in trainer.model.named_parameters():  # the trainer's float32 weights are untouched
         assert p.dtype == torch.float32 and torch.equal(p, before[name]), name
+
+
+def test_generation_out_of_memory_halves_the_chunks_and_goes_on(tiny_model_dir, tokenizer, monkeypatch):
+    """A chunk that runs out of memory is retried with half the prompts, and later calls keep the smaller size:
+    the same completions as an engine sized that small from the start (the failed chunk drew no random numbers)."""
+    prompts = _prompts(tokenizer, 6)
+    small = TorchEngine(load_model(tiny_model_dir, "cpu"), tokenizer, 2, progress=False)
+    expected = small.generate(prompts, 2, 1.0, 6, seed=3)
+    engine = TorchEngine(load_model(tiny_model_dir, "cpu"), tokenizer, 16, progress=False)
+    monkeypatch.setenv("GRPO_FAILPOINT", "oom-above:4")
+    with pytest.warns(RuntimeWarning, match="ran out of memory; going on with 6") as seen:
+        got = engine.generate(prompts, 2, 1.0, 6, seed=3)
+    assert len(seen) == 2 and engine.batch_size == 2  # 6 prompts x 2 -> 3 x 2 -> 1 x 2 rows
+    assert [c.token_ids for g in got for c in g] == [c.token_ids for g in expected for c in g]
+    monkeypatch.setenv("GRPO_FAILPOINT", "oom-above:0")
+    with pytest.raises(torch.OutOfMemoryError):  # one prompt that does not fit: nothing left to halve
+        engine.generate(prompts[:1], 1, 0.0, 6)
+    assert engine.batch_size == 2

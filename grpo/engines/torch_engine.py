@@ -4,6 +4,7 @@ Llama-family model the decode loop runs on a preallocated cache with CUDA graphs
 from __future__ import annotations
 
 import inspect
+import os
 import time
 from typing import Iterable
 
@@ -67,18 +68,47 @@ class TorchEngine:
         label = "evaluate (greedy)" if temperature == 0 else f"rollout (T={temperature:g}, {n} each)"
         with tqdm(total=len(prompts) * n, desc=label, unit="seq", leave=False,
                   disable=None if self.progress else True) as bar:  # None: bars on a terminal only
-            for k in range(0, len(order), per_chunk):
+            k = 0
+            while k < len(order):
                 chunk = order[k:k + per_chunk]
-                outs = self._decode([prompts[i] for i in chunk], n, temperature, max_new_tokens, generator)
+                try:
+                    outs = self._decode([prompts[i] for i in chunk], n, temperature, max_new_tokens, generator)
+                except torch.OutOfMemoryError:
+                    if len(chunk) == 1:
+                        raise
+                    per_chunk = self._shrink(len(chunk), n)
+                    continue
                 for j, i in enumerate(chunk):
                     results[i] = outs[j * n:(j + 1) * n]
                     tokens += sum(len(c.token_ids) for c in results[i])
                 bar.update(len(chunk) * n)
+                k += len(chunk)
         self.stats = GenerationStats(tokens, time.perf_counter() - start)
         return results
 
+    def _shrink(self, prompts: int, n: int) -> int:
+        """Out of memory on a chunk (a longer prompt can grow the KV buffer while the prefill's cache is alive):
+        free the cache, halve the prompts per chunk for this and every later call, say so, and go on, rather
+        than lose a long run to one peak."""
+        import warnings
+
+        if self.static:
+            self.static.release()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        per_chunk = max(1, prompts // 2)
+        self.batch_size = per_chunk * n
+        warnings.warn(f"generation ran out of memory; going on with {self.batch_size} sequences at once (lower "
+                      "generation_batch_size or raise gpu_memory_utilization to avoid this)", RuntimeWarning,
+                      stacklevel=3)
+        return per_chunk
+
     def _decode(self, prompts, n, temperature, max_new_tokens, generator) -> list[Completion]:
         from transformers import DynamicCache
+
+        limit = os.environ.get("GRPO_FAILPOINT", "")
+        if limit.startswith("oom-above:") and len(prompts) * n > int(limit.split(":")[1]):  # tests: a full GPU
+            raise torch.OutOfMemoryError(f"failpoint: {len(prompts) * n} rows")
 
         device = self.model.device
         width = max(map(len, prompts))
