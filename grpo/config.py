@@ -183,11 +183,19 @@ class Loop(Section):
     max_seconds: float = knob(0.0, "Wall-clock budget: start no iteration after this many seconds, then run the final "
                               "evaluation (0 = no limit).", low=0.0)
     seed: int = knob(0, "Random seed for problem order, sampling and training.", low=0)
+    max_lag: int = knob(0, "Overlap: 1 = the rollout and annotate of iteration i+1 run while the trainer learns "
+                        "from iteration i, sampled with weights one iteration behind (the ratio against the sampler's "
+                        "logprobs corrects for it; finetune logs policy_lag); 0 = strictly on-policy, the reference "
+                        "recipe's order.", low=0)
     checkpoint_every: int = knob(5, "Write the full training state (weights, AdamW, step) every N iterations, in the "
                                  "background, and at the end; a killed run retrains at most N-1 iterations.", low=1)
     trainer_timeout: float = knob(1800.0, "Seconds main waits for any sign of progress from the trainer process "
                                   "before it stops the run (the run stays resumable).", above=0.0)
     work_dir: str = knob("grpo_runs", "Where main keeps checkpoints, rollouts and its resume state.")
+
+    def check(self):
+        if self.max_lag > 1:
+            raise ConfigError(f"max_lag must be 0 or 1, got {self.max_lag}: one finetune is in flight at a time")
 
 
 @dataclass
@@ -242,6 +250,8 @@ class StageIO(Section):
     split: str = knob("test", "Split to evaluate: 'test' or 'validation'.", choices=("test", "validation"))
 
 
+LAG_IN_GROUP = ("max_lag=1 overlaps the engine with the trainer, but with ranks > 1 every rank generates and trains "
+                "in turn; pass max_lag=0")
 SECTIONS = {"policy": Policy, "data": Data, "engine": Engine, "sampling": Sampling, "scoring": Scoring,
             "optim": Optim, "evaluation": Evaluation, "tracking": Tracking, "loop": Loop, "group": Group,
             "sweep": Sweep, "io": StageIO}
@@ -276,6 +286,10 @@ class Config:
     group: Group = field(default_factory=Group)
     sweep: Sweep = field(default_factory=Sweep)
     io: StageIO = field(default_factory=StageIO)
+
+    def __post_init__(self):
+        if self.loop.max_lag and (self.group.ranks > 1 or self.group.nodes > 1):
+            raise ConfigError(LAG_IN_GROUP)
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> "Config":

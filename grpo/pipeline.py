@@ -7,6 +7,7 @@ run resumes from its newest complete checkpoint and replays (without logging aga
 it from their annotated rows, so no stage runs twice and no metric step is logged twice."""
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -28,7 +29,8 @@ PARENT_METRICS = {
     "annotate": {"signal_fraction": "signal_fraction", "shaped_reward_mean": "shaped_reward_mean"},
     "finetune": {"kl": "last_kl", "train_tokens_per_s": "train_tokens_per_s", "trainer_peak_gpu_gib": "peak_gpu_gib",
                  "sampler_gap_mean": "sampler_gap_mean", "sampler_gap_max": "sampler_gap_max",
-                 "sampler_outside_clip": "sampler_outside_clip", "weights_handoff_seconds": "handoff_seconds"},
+                 "sampler_outside_clip": "sampler_outside_clip", "weights_handoff_seconds": "handoff_seconds",
+                 "policy_lag": "policy_lag"},
     "evaluate": {f"{split}_{m}": f"{split}_{m}" for split in ("val", "test")
                  for m in ("accuracy", "boxed_rate", "completion_tokens_mean")},
 }
@@ -53,6 +55,7 @@ class Chain:
         self.ws = Workspace(cfg, checkpoint=self.checkpoint,
                             group=(self.trainer, self.start_trainer) if self.grouped else None)
         self.saved = self.trained - 1  # the newest iteration whose checkpoint exists or is being written
+        self.pending: tuple[int, object] | None = None  # (iteration, replies) of a finetune sent to the trainer
         self.floor: float | None = None  # probe gap between engine and trainer on the same weights
 
     def path(self, kind: str, i: int) -> Path:
@@ -63,14 +66,27 @@ class Chain:
     def rollout(self, i: int, run_id: str) -> dict:
         return logged_rollout(self.ws, i, self.path("rollouts", i))
 
+    def sampled_with(self, i: int) -> int:
+        """Trained iterations in the weights that sampled iteration i's rollouts (the rows' policy_version)."""
+        with self.path("rollouts", i).open() as handle:
+            return json.loads(handle.readline())["policy_version"]
+
     def annotate(self, i: int, run_id: str) -> dict:
         rows = read_jsonl(self.path("rollouts", i))
         return logged_annotate(self.ws, rows, i, self.path("annotated", i))
 
-    def finetune(self, i: int, run_id: str) -> dict:
+    def submit(self, i: int) -> None:
+        """Send the finetune of iteration i to the trainer; its stage (`finetune`) collects it."""
         self.start_trainer()
-        steps = self.trainer.train(self.path("annotated", i), i, self.cfg.loop.seed, self.planned_steps())
+        self.pending = i, self.trainer.train(self.path("annotated", i), i, self.cfg.loop.seed, self.planned_steps())
+
+    def finetune(self, i: int, run_id: str) -> dict:
+        if self.pending is None:
+            self.submit(i)
+        (sent, steps), self.pending = self.pending, None
+        assert sent == i, f"finetune of iteration {i} collected while {sent}'s was in flight"
         summary = logged_finetune(steps, i, run_id=run_id)
+        summary["policy_lag"] = i - self.sampled_with(i)  # iterations the sampling weights were behind
         self.trained = i + 1
         summary.update(self.hand_over())
         tracking.log_metrics(summary, step=i, run_id=run_id)
@@ -254,6 +270,11 @@ def _loop(cfg, chain: Chain, state: RunState) -> dict:
         return metrics
 
     chain.ws.check_prompt_fits()
+    if chain.grouped and loop.max_lag:  # ranks=0 on a machine of several GPUs (the config refuses ranks > 1)
+        from grpo.config import LAG_IN_GROUP
+        from grpo.errors import ConfigError
+
+        raise ConfigError(LAG_IN_GROUP)
     if chain.grouped:
         import torch
 
@@ -265,6 +286,22 @@ def _loop(cfg, chain: Chain, state: RunState) -> dict:
     i = chain.trained
     if i and due(i):  # a resumed run killed before the evaluation after its last trained iteration
         evaluations.append(evaluate(i))
+    def finetune(j: int) -> None:  # collect (or send and collect) the finetune of iteration j
+        run(Stage(f"finetune-{j}", j, lambda r: chain.finetune(j, r), PARENT_METRICS["finetune"],
+                  cfg.as_params("finetune") | {"annotated": str(chain.path("annotated", j))}))
+        if (j + 1) % loop.checkpoint_every == 0 or j + 1 == loop.max_iterations:
+            chain.save(j)
+
+    def evaluate_after(trained: int) -> None:
+        if due(trained):
+            evaluations.append(evaluate(trained))
+            log_learning_curve(parent)
+
+    # max_lag 1: rollout and annotate of i run while the trainer learns from i-1 (sent before them), so the
+    # order is rollout-i, annotate-i, finetune-(i-1) [collect], evaluate-i, send finetune-i. Evaluating before the
+    # send keeps the trainer idle, holding the evaluated weights, for the policy keeper's export. A resumed run
+    # finds rollout-T done whenever finetune-(T-1) is, and so samples with the weights an unbroken run would have
+    pending = None
     while i < loop.max_iterations:
         if loop.max_seconds and time.monotonic() - started > loop.max_seconds and not state.done(f"rollout-{i}"):
             import mlflow
@@ -275,14 +312,19 @@ def _loop(cfg, chain: Chain, state: RunState) -> dict:
                   cfg.as_params("rollout") | {"iteration": str(i)}))
         run(Stage(f"annotate-{i}", i, lambda r: chain.annotate(i, r), PARENT_METRICS["annotate"],
                   cfg.as_params("annotate") | {"rollouts": str(chain.path("rollouts", i))}))
-        run(Stage(f"finetune-{i}", i, lambda r: chain.finetune(i, r), PARENT_METRICS["finetune"],
-                  cfg.as_params("finetune") | {"annotated": str(chain.path("annotated", i))}))
-        if (i + 1) % loop.checkpoint_every == 0 or i + 1 == loop.max_iterations:
-            chain.save(i)
+        if not loop.max_lag:
+            finetune(i)
+            evaluate_after(i + 1)
+        else:
+            if pending is not None:
+                finetune(pending)
+                evaluate_after(pending + 1)
+            chain.submit(i)
+            pending = i
         i += 1
-        if due(i):
-            evaluations.append(evaluate(i))
-            log_learning_curve(parent)
+    if pending is not None:
+        finetune(pending)
+        evaluate_after(pending + 1)
     if chain.trained and not state.done(f"evaluate-{chain.trained}"):  # stopped early: score what it reached
         evaluations.append(evaluate(chain.trained))
     if chain.trained and chain.saved != chain.trained - 1:

@@ -92,10 +92,14 @@ class TrainerClient:
         return self._read(what)
 
     def train(self, annotated: Path, iteration: int, seed: int, total_steps: int):
-        """Generator: yields {"step", "metrics"} per optimiser step; its return value is the summary."""
+        """Sends the request now (the worker starts training while main goes on: max_lag) and returns a generator
+        of its replies: {"step", "metrics"} per optimiser step, the summary as its return value."""
         what = f"finetune of iteration {iteration}"
         self._send({"op": "train", "annotated": str(annotated), "iteration": iteration, "seed": seed,
                     "total_steps": total_steps}, what)
+        return self._train_replies(what)
+
+    def _train_replies(self, what: str):
         while True:
             reply = self._read(what)
             if "summary" in reply:

@@ -62,17 +62,23 @@ class Workspace:
     def engine(self):
         from grpo.engines import make_engine
 
+        p = self.placement
         if self.group:
             from grpo.group import GroupEngine
 
-            return GroupEngine(*self.group)
-        p = self.placement
-        if p.engine == "cuda" and p.engine_memory_fraction and self.cfg.engine.backend == "hf":
-            import torch
+            engine = GroupEngine(*self.group)
+        else:
+            if p.engine == "cuda" and p.engine_memory_fraction and self.cfg.engine.backend == "hf":
+                import torch
 
-            torch.cuda.set_per_process_memory_fraction(p.engine_memory_fraction)
-        return make_engine(self.cfg.engine, self.cfg.policy.model, p.engine, self.checkpoint, self.cfg.loop.seed,
-                           self.progress)
+                torch.cuda.set_per_process_memory_fraction(p.engine_memory_fraction)
+            engine = make_engine(self.cfg.engine, self.cfg.policy.model, p.engine, self.checkpoint,
+                                 self.cfg.loop.seed, self.progress)
+        if self.checkpoint:  # a checkpoint of main's holds this many trained iterations: the rows' policy_version
+            from grpo.artifacts import checkpoint_info
+
+            engine.version = checkpoint_info(self.checkpoint).get("iteration", -1) + 1
+        return engine
 
     @cached_property
     def reference(self):

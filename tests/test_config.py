@@ -80,6 +80,8 @@ def test_bad_values_give_one_clear_line(argv, message):
     ({"shots": 9}, "shots must be <= 8"),
     ({"search": "model"}, "not searchable"),
     ({"nonsense": 1}, "unknown parameter(s) nonsense"),
+    ({"max_lag": 2}, "max_lag must be 0 or 1"),
+    ({"max_lag": 1, "ranks": 2}, "max_lag=1 overlaps the engine with the trainer"),
 ])
 def test_validation_refuses_bad_values(changes, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -119,3 +119,23 @@ def test_more_ranks_than_gpus_is_one_line():
     check_ranks(4, "cuda", 4)
     with pytest.raises(ConfigError, match="ranks=2 but 1 GPU"):
         check_ranks(2, "cuda", 1)
+
+
+def test_a_finetune_sent_to_the_trainer_process_runs_while_main_does_something_else(tiny_model_dir, tokenizer,
+                                                                                     tmp_path):
+    """max_lag rests on this: `train` sends the request at once and the trainer process works through it on its
+    own; its step lines wait, in order, until main collects them."""
+    from conftest import wait_until
+
+    annotated = tmp_path / "annotated.jsonl"
+    write_jsonl(_rows(tokenizer, load_model(tiny_model_dir, "cpu", dtype=torch.float32)), annotated)
+    client = TrainerClient(timeout=120)
+    client.start(tiny_model_dir, Optim(warmup_steps=0, train_batch_size=2, gradient_accumulation_passes=1), "cpu", "")
+    try:
+        steps = client.train(annotated, 0, 0, 10)  # nothing read from it yet
+        wait_until(lambda: client.lines.qsize() == 5, "the trainer to finish iteration 0 unread", 120)  # 4 steps
+        seen = []
+        summary = drain(steps, lambda event: seen.append(event["step"]))
+        assert seen == [1, 2, 3, 4] and summary["optimizer_steps"] == 4  # the run's optimiser steps, from 1
+    finally:
+        client.close()

@@ -104,16 +104,22 @@ def _run_id_of(process) -> str:
 
 
 @pytest.mark.slow
-def test_killed_at_every_stage_of_every_iteration_and_resumed_each_time(store, primed_model_dir, digits_dataset):
+@pytest.mark.parametrize("max_lag", [0, 1])
+def test_killed_at_every_stage_of_every_iteration_and_resumed_each_time(store, primed_model_dir, digits_dataset,
+                                                                        max_lag):
     """A 3-iteration run (checkpoints after iterations 2 and 3) killed with SIGKILL to its process group at every
     stage of every iteration, each kill landing in the resume of the one before; the last resume finishes the run,
-    which must then equal an uninterrupted run bit for bit (CPU arithmetic is deterministic)."""
+    which must then equal an uninterrupted run bit for bit (CPU arithmetic is deterministic). With max_lag=1 (the
+    trainer learns from iteration i-1 while main samples and scores iteration i) at the stages around the overlap:
+    killed while the trainer works unread, when main collects it, and after it."""
     args = [*TINY, "--model", primed_model_dir, "--dataset", digits_dataset, "--max_iterations", "3",
-            "--checkpoint_every", "2", "--learning_rate", "1e-3", "--log_models", "last", "--system_metrics", "false"]
+            "--checkpoint_every", "2", "--learning_rate", "1e-3", "--log_models", "last", "--system_metrics", "false",
+            "--max_lag", str(max_lag)]
     env = {"GRPO_CPU_BF16": "0"}
     run_entry("main", *args, "--work_dir", "reference", env=env)
-    kill_points = [key for i in range(3) for key in (f"rollout-{i}", f"annotate-{i}", f"finetune-{i}",
-                                                      f"evaluate-{i + 1}")]  # in the order they run
+    kill_points = ([key for i in range(3) for key in (f"rollout-{i}", f"annotate-{i}", f"finetune-{i}",
+                                                       f"evaluate-{i + 1}")] if not max_lag else
+                   ["annotate-1", "finetune-0", "evaluate-1", "rollout-2", "finetune-2"])  # in the order they run
     run_id, said = None, ""
     for point in kill_points:
         process = _start(args, {**env, "GRPO_FAILPOINT": f"kill-at:{point}",
@@ -132,6 +138,7 @@ def test_killed_at_every_stage_of_every_iteration_and_resumed_each_time(store, p
                / "model" / "model.safetensors" for r in (run_id, reference.info.run_id)]
     assert weights[0].read_bytes() == weights[1].read_bytes()
     assert client.get_run(run_id).data.metrics["time_finetune"] > 0
+    assert [m.value for m in client.get_metric_history(run_id, "policy_lag")] == [0, max_lag, max_lag]
     assert sorted(os.listdir(Path("grpo_runs") / run_id)) == ["lock", "state.json"]  # the folder was cleaned
 
 
