@@ -111,7 +111,7 @@ def test_killed_at_every_stage_of_every_iteration_and_resumed_each_time(store, p
     stage of every iteration, each kill landing in the resume of the one before; the last resume finishes the run,
     which must then equal an uninterrupted run bit for bit (CPU arithmetic is deterministic). With max_lag=1 (the
     trainer learns from iteration i-1 while main samples and scores iteration i) at the stages around the overlap:
-    killed while the trainer works unread, when main collects it, and after it."""
+    killed while the trainer works unread, when main collects it, and while the next one is in flight."""
     args = [*TINY, "--model", primed_model_dir, "--dataset", digits_dataset, "--max_iterations", "3",
             "--checkpoint_every", "2", "--learning_rate", "1e-3", "--log_models", "last", "--system_metrics", "false",
             "--max_lag", str(max_lag)]
@@ -119,7 +119,7 @@ def test_killed_at_every_stage_of_every_iteration_and_resumed_each_time(store, p
     run_entry("main", *args, "--work_dir", "reference", env=env)
     kill_points = ([key for i in range(3) for key in (f"rollout-{i}", f"annotate-{i}", f"finetune-{i}",
                                                        f"evaluate-{i + 1}")] if not max_lag else
-                   ["annotate-1", "finetune-0", "evaluate-1", "rollout-2", "finetune-2"])  # in the order they run
+                   ["annotate-1", "finetune-0", "rollout-2"])  # in the order they run
     run_id, said = None, ""
     for point in kill_points:
         process = _start(args, {**env, "GRPO_FAILPOINT": f"kill-at:{point}",
