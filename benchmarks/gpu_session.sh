@@ -12,7 +12,8 @@
 #              beside main's engine on GPU 0)
 #   sweeps ARGS [.whl .carry0]: installs, then trials per hour of the sweep with 1 and N workers
 #              (benchmarks/sweep_scale.py ARGS)
-#   prep [.whl .carry0], then [.carry1], then [.carry2]: installs / copies what the call carries; with both GGUF
+#   prep [.whl .carry0 (.whl_trl: trl, datasets, dill, multiprocess for the `trl` setting)], then [.carry1], then
+#              [.carry2]: installs / copies what the call carries; with both GGUF
 #              parts there, joins the model (three calls in a row: wheels and model together pass 64 MiB)
 #   study ARGS [nothing]: starts benchmarks/study.py ARGS --out /tmp/study in its own session from a copy of the
 #              code, so that it outlives the call (a machine stays while calls follow each other)
@@ -64,8 +65,8 @@ sweeps)
   python3 benchmarks/sweep_scale.py --out /tmp/sweeps --tokenizer /tmp/tok --file_store "$@"
   cp /tmp/sweeps/sweep_scale.json "$OUT/" ;;
 prep)
-  [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target \
-    /tmp/site .whl/*.whl 2>&1 | grep -v "WARNING: Target directory"
+  for w in .whl .whl_trl; do [ -d $w ] && python3 -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --upgrade --target /tmp/site $w/*.whl 2>&1 | grep -v "WARNING: Target directory"; done
   [ -d .carry0 ] && { rm -rf /tmp/tok; cp -r .carry0/tok /tmp/tok; }
   cp .carry1/* .carry2/* /tmp/m/ 2>/dev/null
   if [ -f /tmp/m/part_aa ] && [ -f /tmp/m/part_ac ]; then cat /tmp/m/part_* > /tmp/m/model.gguf; md5sum /tmp/m/model.gguf; fi

@@ -32,6 +32,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--max_steps", type=int, default=10_000, help="optimiser step cap")
     p.add_argument("--eval_limit", type=int, default=0, help="test problems for the final greedy eval (0 = all)")
     p.add_argument("--generation_batch_size", type=int, default=2048, help="our sampler's batch for the eval")
+    p.add_argument("--seed", type=int, default=0, help="TRL's seed (sampling, data order)")
     p.add_argument("--out", default="trl_out", help="output folder")
     return p.parse_args()
 
@@ -97,7 +98,7 @@ def main() -> None:
         per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=per_step // args.micro_batch,
         num_generations=args.attempts, max_completion_length=args.max_new_tokens, temperature=args.temperature,
         beta=0.0, loss_type="grpo", bf16=device == "cuda", use_cpu=device == "cpu", gradient_checkpointing=False,
-        logging_steps=1, max_steps=args.max_steps, save_strategy="no", report_to="none", seed=0,
+        logging_steps=1, max_steps=args.max_steps, save_strategy="no", report_to="none", seed=args.seed,
         model_init_kwargs={"dtype": torch.float32})
     trainer = GRPOTrainer(model=resolve(args.model), reward_funcs=gsm8k_reward, args=config, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[Budget()])
