@@ -111,14 +111,14 @@ def probe_precision(rows: list[str]) -> None:
     from grpo.config import Optim
     from grpo.engines.base import Probe, probe_gap
     from grpo.engines.torch_engine import TorchEngine
-    from grpo.model import load_model
+    from grpo.model import load_model, resolve
     from grpo.trainer import Trainer
 
     sys.path.insert(0, str(Path(__file__).parent))
     from sweep_scale import build_model
 
-    folder = build_model(Path(tempfile.mkdtemp()) / "smollm2-shape", sys.argv[1] if len(sys.argv) > 1 else
-                         str(__import__("grpo.model", fromlist=["resolve"]).resolve("smollm2-135m")))
+    tokenizer = sys.argv[1] if len(sys.argv) > 1 else resolve("smollm2-135m")
+    folder = build_model(Path(tempfile.mkdtemp()) / "smollm2-shape", tokenizer)
     trainer = Trainer(folder, Optim(), "cuda")
     engine = TorchEngine(load_model(folder, "cuda"), trainer.tokenizer, batch_size=8, progress=False)
     g = torch.Generator().manual_seed(3)

@@ -250,8 +250,6 @@ class StageIO(Section):
     split: str = knob("test", "Split to evaluate: 'test' or 'validation'.", choices=("test", "validation"))
 
 
-LAG_IN_GROUP = ("max_lag=1 overlaps the engine with the trainer, but with ranks > 1 every rank generates and trains "
-                "in turn; pass max_lag=0")
 SECTIONS = {"policy": Policy, "data": Data, "engine": Engine, "sampling": Sampling, "scoring": Scoring,
             "optim": Optim, "evaluation": Evaluation, "tracking": Tracking, "loop": Loop, "group": Group,
             "sweep": Sweep, "io": StageIO}
@@ -288,8 +286,12 @@ class Config:
     io: StageIO = field(default_factory=StageIO)
 
     def __post_init__(self):
-        if self.loop.max_lag and (self.group.ranks > 1 or self.group.nodes > 1):
-            raise ConfigError(LAG_IN_GROUP)
+        if self.loop.max_lag:
+            from grpo.group import is_group
+
+            if is_group(self.group):  # ranks=0 counts this machine's GPUs
+                raise ConfigError("max_lag=1 overlaps the engine with the trainer, but in a trainer group (ranks > 1 "
+                                  "or nodes > 1) every rank generates and trains in turn; pass max_lag=0")
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> "Config":

@@ -81,6 +81,7 @@ class Chain:
         self.pending = i, self.trainer.train(self.path("annotated", i), i, self.cfg.loop.seed, self.planned_steps())
 
     def finetune(self, i: int, run_id: str) -> dict:
+        """Send the finetune of iteration i unless `submit` did, collect it (logging its steps), hand over."""
         if self.pending is None:
             self.submit(i)
         (sent, steps), self.pending = self.pending, None
@@ -270,11 +271,6 @@ def _loop(cfg, chain: Chain, state: RunState) -> dict:
         return metrics
 
     chain.ws.check_prompt_fits()
-    if chain.grouped and loop.max_lag:  # ranks=0 on a machine of several GPUs (the config refuses ranks > 1)
-        from grpo.config import LAG_IN_GROUP
-        from grpo.errors import ConfigError
-
-        raise ConfigError(LAG_IN_GROUP)
     if chain.grouped:
         import torch
 
@@ -286,22 +282,21 @@ def _loop(cfg, chain: Chain, state: RunState) -> dict:
     i = chain.trained
     if i and due(i):  # a resumed run killed before the evaluation after its last trained iteration
         evaluations.append(evaluate(i))
-    def finetune(j: int) -> None:  # collect (or send and collect) the finetune of iteration j
+
+    def collect(j: int) -> None:  # finetune j (sent now, or before by submit), its checkpoint and evaluation if due
         run(Stage(f"finetune-{j}", j, lambda r: chain.finetune(j, r), PARENT_METRICS["finetune"],
                   cfg.as_params("finetune") | {"annotated": str(chain.path("annotated", j))}))
         if (j + 1) % loop.checkpoint_every == 0 or j + 1 == loop.max_iterations:
             chain.save(j)
-
-    def evaluate_after(trained: int) -> None:
-        if due(trained):
-            evaluations.append(evaluate(trained))
+        if due(j + 1):
+            evaluations.append(evaluate(j + 1))
             log_learning_curve(parent)
 
     # max_lag 1: rollout and annotate of i run while the trainer learns from i-1 (sent before them), so the
     # order is rollout-i, annotate-i, finetune-(i-1) [collect], evaluate-i, send finetune-i. Evaluating before the
     # send keeps the trainer idle, holding the evaluated weights, for the policy keeper's export. A resumed run
-    # finds rollout-T done whenever finetune-(T-1) is, and so samples with the weights an unbroken run would have
-    pending = None
+    # finds rollout-T done whenever finetune-(T-1) is, and so samples with the weights an unbroken run would have.
+    # The loop starts at the first iteration not trained (replay trained the rest): each finetune it sends is new
     while i < loop.max_iterations:
         if loop.max_seconds and time.monotonic() - started > loop.max_seconds and not state.done(f"rollout-{i}"):
             import mlflow
@@ -312,19 +307,15 @@ def _loop(cfg, chain: Chain, state: RunState) -> dict:
                   cfg.as_params("rollout") | {"iteration": str(i)}))
         run(Stage(f"annotate-{i}", i, lambda r: chain.annotate(i, r), PARENT_METRICS["annotate"],
                   cfg.as_params("annotate") | {"rollouts": str(chain.path("rollouts", i))}))
-        if not loop.max_lag:
-            finetune(i)
-            evaluate_after(i + 1)
-        else:
-            if pending is not None:
-                finetune(pending)
-                evaluate_after(pending + 1)
+        if chain.pending is not None:  # max_lag 1: iteration i-1's, sent before this rollout
+            collect(chain.pending[0])
+        if loop.max_lag:
             chain.submit(i)
-            pending = i
+        else:
+            collect(i)
         i += 1
-    if pending is not None:
-        finetune(pending)
-        evaluate_after(pending + 1)
+    if chain.pending is not None:
+        collect(chain.pending[0])
     if chain.trained and not state.done(f"evaluate-{chain.trained}"):  # stopped early: score what it reached
         evaluations.append(evaluate(chain.trained))
     if chain.trained and chain.saved != chain.trained - 1:

@@ -52,8 +52,8 @@ def publish(engine, weights, version: int, probe, expected: list[float], floor: 
             return report(served, 0)
         if not hasattr(engine, "rebuild"):
             raise ModelError(f"the {engine.name} engine does not serve the weights the trainer handed over (probe "
-                             f"gap {probe_gap(served, expected):.3g} nats, allowed {tolerance:.3g}); "
-                             + ("pass backend=hf" if engine.name != "hf" else "please report this with the run's log"))
+                             f"gap {probe_gap(served, expected):.3g} nats, allowed {tolerance:.3g}); the run can "
+                             "be resumed; please report this with its log")  # engines without rebuild: hf, group
         warnings.warn(f"{engine.name} did not take new weights in place (probe gap {probe_gap(served, expected):.3g} "
                       "nats); it is rebuilt on them instead, now and from here on", RuntimeWarning, stacklevel=2)
         engine.in_place = False
