@@ -5,9 +5,9 @@ val_accuracy, a wall-clock budget per trial), then seeds of named settings side 
     python benchmarks/study.py seeds --out DIR --run_seconds 900 --run best:1 --run reference:1 ... -- FLAGS
 
 FLAGS are main's flags shared by every run (model, prompt, sizes). Settings: `reference` adds nothing (FLAGS are
-the reference recipe's), `best` adds the sweep's best parameters (DIR/best.json), `tuned` the README's tuned pair,
-and `trl` runs TRL's GRPOTrainer instead (benchmarks/trl_peer.py with --trl_flags: the reference setting as TRL
-names it; needs trl and datasets installed), writing trl_log.jsonl and trl_summary.json.
+the reference recipe's), `best` adds the sweep's best parameters (DIR/best.json or --best), `tuned` the README's
+tuned pair, and `trl` runs TRL's GRPOTrainer instead (benchmarks/trl_peer.py with --trl_flags: the reference
+setting as TRL names it; needs trl and datasets installed), writing trl_log.jsonl and trl_summary.json.
 Writes DIR/sweep/ (the MLflow file store, optuna.db, trials.csv, the sweep's figures) and DIR/NAME-sSEED/ (what
 export_run.py writes: metrics.csv, run_info.json, learning_curve.png), for benchmarks/seeds.py to compare."""
 from __future__ import annotations
@@ -78,9 +78,9 @@ def summarise_sweep(folder: Path, out: Path) -> None:
     say(f"sweep done: {(out / 'best.json').read_text()}")
 
 
-def setting_flags(name: str, out: Path) -> list[str]:
+def setting_flags(name: str, best: Path) -> list[str]:
     if name == "best":
-        params = json.loads((out / "best.json").read_text())["best_params"]
+        params = json.loads(best.read_text())["best_params"]
         return [f"--{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in params.items()]
     if name not in SETTINGS:
         sys.exit(f"unknown setting {name!r}: pick best, {', '.join(SETTINGS)}")
@@ -93,6 +93,7 @@ def seeds(out: Path, args, flags: list[str]) -> None:
 
     gpus = max(1, torch.cuda.device_count())
     running = []
+    best = args.best or out / "best.json"
     for k, spec in enumerate(args.run):
         name, seed = spec.split(":")
         folder = out / f"{name}-s{seed}"
@@ -101,7 +102,7 @@ def seeds(out: Path, args, flags: list[str]) -> None:
             command = [sys.executable, str(ROOT / "benchmarks" / "trl_peer.py"), *shlex.split(args.trl_flags),
                        "--seed", seed, "--seconds", str(args.seconds), "--out", str(folder)]
         else:
-            command = [sys.executable, str(ROOT / "entrypoints" / "main.py"), *flags, *setting_flags(name, out),
+            command = [sys.executable, str(ROOT / "entrypoints" / "main.py"), *flags, *setting_flags(name, best),
                        "--seed", seed, "--max_seconds", str(args.seconds), "--log_models", "none"]
         env = store_env(folder) | {"CUDA_VISIBLE_DEVICES": str(k % gpus)}
         say(f"{folder.name} on GPU {k % gpus}: {' '.join(command[2:])}")
@@ -129,6 +130,8 @@ def main(argv=None) -> None:
     p.add_argument("--sweep_flags", default="", help="sweep: main flags for the trials only, e.g. cheaper evaluations")
     p.add_argument("--run_seconds", type=float, default=900, help="seeds: training budget per run")
     p.add_argument("--run", action="append", default=[], help="seeds: SETTING:SEED, once per run")
+    p.add_argument("--best", type=Path, help="seeds: the sweep's best.json for the `best` setting (default "
+                   "DIR/best.json, as the sweep phase writes it; docs/h100x4_study/best.json adds seeds to that study)")
     p.add_argument("--trl_flags", default="--shots 0 --system_prompt '' --problems_per_step 64 --attempts 8 "
                    "--learning_rate 1e-5 --temperature 1.0 --max_new_tokens 384 --micro_batch 64 "
                    "--generation_batch_size 1024", help="seeds: trl_peer.py flags of the `trl` setting")
