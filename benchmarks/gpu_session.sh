@@ -17,7 +17,8 @@
 #              parts there, joins the model (three calls in a row: wheels and model together pass 64 MiB)
 #   study ARGS [nothing]: starts benchmarks/study.py ARGS --out /tmp/study in its own session from a copy of the
 #              code, so that it outlives the call (a machine stays while calls follow each other)
-#   wait SECONDS: waits for the study (at most SECONDS) and prints its log's end and the GPUs' use
+#   wait SECONDS: waits for the study (at most SECONDS), prints its log's end and the GPUs' use, and brings back
+#              what it has so far as collect does (a machine can go back between calls: then the last copy remains)
 #   collect: the study's results as $OUT/study.tgz (stores, exports, figures; no checkpoints)
 #   learn SECONDS ARGS [.carry2]: joins and dequantises SmolLM2 (GGUF split 45 MB + 53 MB so that each call fits),
 #              runs main with ARGS for at most SECONDS, exports the run (one call per seed, --seed N; then
@@ -32,6 +33,10 @@ setup() {
     2>&1 | grep -v "WARNING: Target directory"
   rm -rf /tmp/tok /tmp/baseline; cp -r .carry0/tok /tmp/tok; cp -r .baseline /tmp/baseline
   ln -sfn "$PWD/data" /tmp/baseline/data; cp .carry1/* /tmp/m/ 2>/dev/null
+}
+collect() {
+  cp /tmp/study/log /tmp/study/study.log
+  tar czf "$OUT/study.tgz" -C /tmp --exclude=grpo_runs --exclude='*.safetensors' --exclude='*.pt' study
 }
 case $phase in
 checks)
@@ -79,11 +84,10 @@ wait)
   end=$((SECONDS + $1))
   while [ $SECONDS -lt $end ] && pgrep -f benchmarks/study.py >/dev/null; do sleep 10; done
   grep -v -E "Downloading artifacts|Warning" /tmp/study/log | tail -40
-  nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader ;;
+  nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
+  collect ;;  # what the study has so far comes back with every call: a machine lost between calls loses less
 collect)
-  cp /tmp/study/log /tmp/study/study.log
-  tar czf "$OUT/study.tgz" -C /tmp --exclude=grpo_runs --exclude='*.safetensors' --exclude='*.pt' study
-  ls -la "$OUT" ;;
+  collect; ls -la "$OUT" ;;
 learn)
   budget=$1; shift
   cp .carry2/* /tmp/m/ && cat /tmp/m/part_* > /tmp/m/model.gguf

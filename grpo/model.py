@@ -3,6 +3,7 @@ load policy / tokenizer on a device."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,7 +70,18 @@ def _dequantise(gguf: Path, out: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out)  # atomic: a half-written cache folder is never seen
+    publish(tmp, out)
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move a finished cache folder into place in one step, so a half-written one is never seen. Processes started
+    together (sweep workers, seeds side by side) each build it; the first to finish wins, the others drop theirs."""
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if not (out / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def looks_like_path(name: str) -> bool:
