@@ -121,3 +121,34 @@ def test_generation_out_of_memory_halves_the_chunks_and_goes_on(tiny_model_dir, 
     with pytest.raises(torch.OutOfMemoryError):  # one prompt that does not fit: nothing left to halve
         engine.generate(prompts[:1], 1, 0.0, 6)
     assert engine.batch_size == 2
+
+
+def test_static_cache_path_matches_the_dynamic_loop_with_one_buffer(smollm2_dir, tokenizer, monkeypatch):
+    """The GPU sampler's path (one KV buffer; each prompt's prefill copied into its n rows), run on the CPU
+    without CUDA graphs: the dynamic loop's greedy tokens and logprobs, sampled logprobs the trainer agrees
+    with, and one buffer for calls whose chunks differ in prompt width, reserved before the first prefill (grown
+    for the widest chunk, which comes last, it once ran an 80 GB card out of memory)."""
+    from grpo.engines.static_decode import StaticDecoder
+
+    monkeypatch.setenv("GRPO_CPU_BF16", "0")
+    model = load_model(smollm2_dir, "cpu", dtype=torch.float32)  # the real model: each prompt leads elsewhere
+    prompts = sorted(_prompts(tokenizer, 40), key=len)
+    prompts = prompts[:2] + prompts[-2:]  # chunks of 2 prompts: the short ones, then the long ones
+    assert len({-(-len(p) // 64) for p in prompts}) > 1, "the prompts must span several widths"
+    dynamic = TorchEngine(model, tokenizer, 4, progress=False)
+    static = TorchEngine(model, tokenizer, 4, progress=False)
+    static.static = StaticDecoder(model, 4)
+    expected = dynamic.generate(prompts, 2, 0.0, 6)
+    got = static.generate(prompts, 2, 0.0, 6)
+    assert len({tuple(g[0].token_ids) for g in expected}) > 1
+    assert [c.token_ids for g in got for c in g] == [c.token_ids for g in expected for c in g]
+    gaps = [abs(a - b) for g, h in zip(got, expected) for c, d in zip(g, h) for a, b in zip(c.logprobs, d.logprobs)]
+    assert max(gaps) < 1e-4
+    sampled = static.generate(prompts, 2, 1.0, 6, seed=5)
+    assert len({tuple(c.token_ids) for g in sampled for c in g}) > len(prompts)  # rows of one prompt differ
+    gaps = _gaps(model, sampled, prompts, 1.0)  # every row decoded its own prompt's cache
+    assert gaps.mean().item() < 1e-3 and gaps.max().item() < 1e-2
+    buffer = static.static.buffer
+    assert static.static.allocations == 1  # sized for 2 x 2 rows of the widest chunk before any prefill
+    static.generate(prompts[:2], 2, 1.0, 6, seed=5)
+    assert static.static.allocations == 1 and static.static.buffer is buffer

@@ -1,6 +1,7 @@
 """Fast GPU decoding for Llama-family models without vLLM: one preallocated KV buffer shared by every call,
 and one CUDA graph per decode step shape. The model's own modules (norms, projections, rotary embedding, MLP,
-head) do the maths; only attention over the static cache is ours. Anything else uses the dynamic-cache loop."""
+head) do the maths; only attention over the static cache is ours. Anything else uses the dynamic-cache loop.
+On a CPU the same path runs without graphs (tests hold it to the dynamic loop's tokens)."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -19,13 +20,15 @@ def supported(model) -> bool:
 
 
 class StaticDecoder:
-    """Lock-step decoding of up to `max_rows` sequences. The KV buffer is allocated once (grown only when a
-    longer prompt width needs it) and every shape's cache is a contiguous view of it, so evaluation and rollouts
-    never hold two caches."""
+    """Lock-step decoding of up to `max_rows` sequences. The KV buffer is reserved before a call's first prefill
+    at the size its widest chunk needs (`reserve`), and every shape's cache is a contiguous view of it, so
+    evaluation and rollouts never hold two caches and the buffer never grows while a prefill's cache is alive."""
 
     def __init__(self, model, max_rows: int):
         cfg = model.config
         self.model, self.max_rows = model, max_rows
+        self.graphs_on = model.device.type == "cuda"
+        self.allocations = 0  # buffers allocated so far (benchmarks and tests read it)
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.layers = len(model.model.layers)
@@ -37,11 +40,18 @@ class StaticDecoder:
         self.buffer = None
         torch.cuda.empty_cache()
 
-    def _shape(self, rows: int, length: int):
+    def reserve(self, rows: int, length: int) -> None:
+        """Make the buffer hold `rows` sequences of `length` tokens (prompt width + new tokens); a larger one is
+        allocated only here, after dropping the old one and its graphs, never beside it."""
         need = rows * self.kv_heads * length * self.head_dim
         if self.buffer is None or self.buffer.shape[1] < need:
             self.release()
             self.buffer = torch.zeros((2 * self.layers, need), device=self.model.device, dtype=self.model.dtype)
+            self.allocations += 1
+
+    def _shape(self, rows: int, length: int):
+        need = rows * self.kv_heads * length * self.head_dim
+        self.reserve(rows, length)  # a no-op when the call reserved first, as TorchEngine does
         view = lambda k: self.buffer[k, :need].view(rows, self.kv_heads, length, self.head_dim)  # noqa: E731
         return [view(k) for k in range(self.layers)], [view(self.layers + k) for k in range(self.layers)]
 
@@ -55,12 +65,13 @@ class StaticDecoder:
         self.graphs.move_to_end(key)
         return self.graphs[key]
 
-    def decode(self, cache, logits, mask, next_pos, width, temperature, max_new_tokens, generator, stop, pad):
+    def decode(self, cache, n, logits, mask, next_pos, width, temperature, max_new_tokens, generator, stop, pad):
+        """`cache` holds each prompt once; `logits`, `mask` and `next_pos` are already repeated `n` times."""
         from grpo.engines.base import completions, draw
 
         rows = len(logits)
         shape = self._graph(rows, width, max_new_tokens)
-        shape.prefill(cache, mask, next_pos, width)
+        shape.prefill(cache, n, mask, next_pos, width)
         del cache
         tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=logits.device)
         logps = torch.zeros((rows, max_new_tokens), device=logits.device)
@@ -92,11 +103,13 @@ class _Shape:
         self.logits = None
         self.graph = None
 
-    def prefill(self, cache, mask: torch.Tensor, next_position: torch.Tensor, width: int) -> None:
-        """Copy a prefilled HF cache ([rows, kv_heads, width, dim] per layer) and its padding mask in."""
+    def prefill(self, cache, n: int, mask: torch.Tensor, next_position: torch.Tensor, width: int) -> None:
+        """Copy a prefilled HF cache ([prompts, kv_heads, width, dim] per layer) into the rows, each prompt into
+        its `n` consecutive rows by broadcasting (no repeated copy of the cache exists), and the padding mask."""
         for layer, (k, v) in enumerate(_cache_layers(cache)):
-            self.keys[layer][:, :, :width].copy_(k)
-            self.values[layer][:, :, :width].copy_(v)
+            for buffer, source in ((self.keys[layer], k), (self.values[layer], v)):
+                rows, heads, length, dim = buffer.shape
+                buffer.view(rows // n, n, heads, length, dim)[:, :, :, :width].copy_(source[:, None])
         self.valid.zero_()
         self.valid[:, :width] = mask.bool()
         self.position.copy_(next_position)
@@ -133,6 +146,8 @@ class _Shape:
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Feed one token per row; return next-token logits [rows, vocab] (float32)."""
         self.token.copy_(token)
+        if not self.owner.graphs_on:
+            return self._step()
         if self.graph is None:  # capture once per shape
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())

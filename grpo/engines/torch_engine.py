@@ -63,6 +63,7 @@ class TorchEngine:
         generator = torch.Generator(device=self.model.device).manual_seed(seed)
         per_chunk = max(1, self.batch_size // n)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
+        self._call_width = self._bucket(max(map(len, prompts), default=1))  # the static buffer is sized for it
         results: list[list[Completion]] = [[] for _ in prompts]
         start, tokens = time.perf_counter(), 0
         label = "evaluate (greedy)" if temperature == 0 else f"rollout (T={temperature:g}, {n} each)"
@@ -111,9 +112,9 @@ class TorchEngine:
             raise torch.OutOfMemoryError(f"failpoint: {len(prompts) * n} rows")
 
         device = self.model.device
-        width = max(map(len, prompts))
-        if self.static:  # bucket the width so that chunks share CUDA graphs
-            width = -(-width // 64) * 64
+        width = self._bucket(max(map(len, prompts)))
+        if self.static:  # before the prefill: the buffer for the call's widest chunk, so it never grows beside it
+            self.static.reserve(len(prompts) * n, max(width, self._call_width) + max_new_tokens)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -127,16 +128,21 @@ class TorchEngine:
             cache = DynamicCache(config=self.model.config)
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=1, **{self._cache_arg: cache})
-            # one prefill per prompt, then n copies of its cache and its next-token logits
-            cache.batch_repeat_interleave(n)
+            # one prefill per prompt, then n copies of its cache (the static path copies straight into its rows)
+            # and of its next-token logits
             logits = out.logits[:, -1].float().repeat_interleave(n, 0)
             mask = mask.repeat_interleave(n, 0)
             next_pos = positions[:, -1].repeat_interleave(n, 0) + 1
             if self.static:
-                return self.static.decode(cache, logits, mask, next_pos, width, temperature, max_new_tokens,
+                return self.static.decode(cache, n, logits, mask, next_pos, width, temperature, max_new_tokens,
                                           generator, stop, pad)
+            cache.batch_repeat_interleave(n)
             return self._decode_dynamic(cache, logits, mask, next_pos, temperature, max_new_tokens, generator,
                                         stop, pad)
+
+    def _bucket(self, width: int) -> int:
+        """Prompt widths rounded up to 64 on the static path, so that chunks share CUDA graphs."""
+        return -(-width // 64) * 64 if self.static else width
 
     def _decode_dynamic(self, cache, logits, mask, next_pos, temperature, max_new_tokens, generator, stop, pad):
         device = logits.device
