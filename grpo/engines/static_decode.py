@@ -9,6 +9,7 @@ from collections import OrderedDict
 import torch
 
 MAX_GRAPHS = 6  # shapes (rows, width, steps) kept captured at once; older ones are dropped
+SPAN = 128  # a decode step attends over the buffer up to the next multiple of SPAN past its slot, not all of it
 
 
 def supported(model) -> bool:
@@ -29,6 +30,7 @@ class StaticDecoder:
         self.model, self.max_rows = model, max_rows
         self.graphs_on = model.device.type == "cuda"
         self.allocations = 0  # buffers allocated so far (benchmarks and tests read it)
+        self.pool = None  # one CUDA graph memory pool for every graph: they replay one at a time
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.layers = len(model.model.layers)
@@ -37,7 +39,7 @@ class StaticDecoder:
 
     def release(self) -> None:
         self.graphs.clear()
-        self.buffer = None
+        self.buffer, self.pool = None, None
         torch.cuda.empty_cache()
 
     def reserve(self, rows: int, length: int) -> None:
@@ -86,7 +88,7 @@ class StaticDecoder:
             done |= finished
             if step + 1 == max_new_tokens or (step % 8 == 7 and bool(done.all())):  # sync rarely
                 break
-            logits = shape.step(token)
+            logits = shape.step(token, width + step)
         return completions(tokens, logps, lengths, done)
 
 
@@ -100,8 +102,8 @@ class _Shape:
         self.token = torch.zeros((rows,), device=device, dtype=torch.long)
         self.position = torch.zeros((rows,), device=device, dtype=torch.long)
         self.slot = torch.zeros((1,), device=device, dtype=torch.long)
-        self.logits = None
-        self.graph = None
+        self.length = length
+        self.graphs: dict[int, tuple] = {}  # attended length -> (captured graph, its logits)
 
     def prefill(self, cache, n: int, mask: torch.Tensor, next_position: torch.Tensor, width: int) -> None:
         """Copy a prefilled HF cache ([prompts, kv_heads, width, dim] per layer) into the rows, each prompt into
@@ -116,7 +118,8 @@ class _Shape:
         self.slot.fill_(width)
 
     @torch.inference_mode()
-    def _step(self) -> torch.Tensor:
+    def _step(self, span: int) -> torch.Tensor:
+        """One token per row at `slot`, attending over slots [0, span) (span > slot: later slots are empty)."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         o = self.owner
@@ -124,7 +127,7 @@ class _Shape:
         self.valid.index_fill_(1, self.slot, True)
         hidden = decoder.embed_tokens(self.token[:, None])
         cos, sin = decoder.rotary_emb(hidden, self.position[:, None])
-        mask = self.valid[:, None, None, :]
+        mask = self.valid[:, None, None, :span]
         for layer, block in enumerate(decoder.layers):
             attn = block.self_attn
             x = block.input_layernorm(hidden)
@@ -135,7 +138,8 @@ class _Shape:
             self.keys[layer].index_copy_(2, self.slot, k)
             self.values[layer].index_copy_(2, self.slot, v)
             out = torch.nn.functional.scaled_dot_product_attention(
-                q, self.keys[layer], self.values[layer], attn_mask=mask, enable_gqa=o.heads != o.kv_heads)
+                q, self.keys[layer][:, :, :span], self.values[layer][:, :, :span], attn_mask=mask,
+                enable_gqa=o.heads != o.kv_heads)
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(self.rows, 1, -1))
             hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
         logits = o.model.lm_head(decoder.norm(hidden))[:, 0].float()
@@ -143,27 +147,33 @@ class _Shape:
         self.slot.add_(1)
         return logits
 
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row; return next-token logits [rows, vocab] (float32)."""
+    def step(self, token: torch.Tensor, slot: int) -> torch.Tensor:
+        """Feed one token per row, written at `slot` (the host's count of the device-side slot); return the
+        next-token logits [rows, vocab] (float32). Attention reads the buffer up to the next multiple of SPAN past
+        the slot: one graph per span, so early steps do not read the empty rest of the buffer."""
         self.token.copy_(token)
+        span = min(self.length, (slot // SPAN + 1) * SPAN)
         if not self.owner.graphs_on:
-            return self._step()
-        if self.graph is None:  # capture once per shape
+            return self._step(span)
+        if span not in self.graphs:  # capture once per (shape, span)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             state = (self.position.clone(), self.slot.clone(), self.valid.clone())
             with torch.cuda.stream(stream):
-                self._step()  # warm-up outside the graph (lazy inits)
+                self._step(span)  # warm-up outside the graph (lazy inits)
             torch.cuda.current_stream().wait_stream(stream)
             self.position.copy_(state[0])
             self.slot.copy_(state[1])
             self.valid.copy_(state[2])
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._step()
-        self.graph.replay()
-        return self.logits
-
+            if self.owner.pool is None:
+                self.owner.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.owner.pool):
+                logits = self._step(span)
+            self.graphs[span] = (graph, logits)
+        graph, logits = self.graphs[span]
+        graph.replay()
+        return logits
 
 def _cache_layers(cache):
     """(key, value) per layer of a transformers DynamicCache, across the 4.x and 5.x layouts."""
