@@ -175,6 +175,7 @@ class _Shape:
         graph.replay()
         return logits
 
+
 def _cache_layers(cache):
     """(key, value) per layer of a transformers DynamicCache, across the 4.x and 5.x layouts."""
     if hasattr(cache, "layers"):
