@@ -1,5 +1,5 @@
 """Fast GPU decoding for Llama-family models without vLLM: one preallocated KV buffer shared by every call,
-and one CUDA graph per decode step shape. The model's own modules (norms, projections, rotary embedding, MLP,
+and one CUDA graph per decode step shape and attention span. The model's own modules (norms, projections, rotary embedding, MLP,
 head) do the maths; only attention over the static cache is ours. Anything else uses the dynamic-cache loop.
 On a CPU the same path runs without graphs (tests hold it to the dynamic loop's tokens)."""
 from __future__ import annotations
@@ -103,7 +103,9 @@ class _Shape:
         self.position = torch.zeros((rows,), device=device, dtype=torch.long)
         self.slot = torch.zeros((1,), device=device, dtype=torch.long)
         self.length = length
-        self.graphs: dict[int, tuple] = {}  # attended length -> (captured graph, its logits)
+        # every span's graph writes its logits here, so that one [rows, vocab] output is kept per shape, not per span
+        self.logits = torch.empty((rows, owner.model.lm_head.weight.shape[0]), device=device, dtype=torch.float32)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # attended length -> captured graph
 
     def prefill(self, cache, n: int, mask: torch.Tensor, next_position: torch.Tensor, width: int) -> None:
         """Copy a prefilled HF cache ([prompts, kv_heads, width, dim] per layer) into the rows, each prompt into
@@ -142,10 +144,10 @@ class _Shape:
                 enable_gqa=o.heads != o.kv_heads)
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(self.rows, 1, -1))
             hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
-        logits = o.model.lm_head(decoder.norm(hidden))[:, 0].float()
+        self.logits.copy_(o.model.lm_head(decoder.norm(hidden))[:, 0])
         self.position.add_(1)
         self.slot.add_(1)
-        return logits
+        return self.logits
 
     def step(self, token: torch.Tensor, slot: int) -> torch.Tensor:
         """Feed one token per row, written at `slot` (the host's count of the device-side slot); return the
@@ -169,11 +171,10 @@ class _Shape:
                 self.owner.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.owner.pool):
-                logits = self._step(span)
-            self.graphs[span] = (graph, logits)
-        graph, logits = self.graphs[span]
-        graph.replay()
-        return logits
+                self._step(span)
+            self.graphs[span] = graph
+        self.graphs[span].replay()
+        return self.logits
 
 
 def _cache_layers(cache):
