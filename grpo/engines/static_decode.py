@@ -1,7 +1,7 @@
 """Fast GPU decoding for Llama-family models without vLLM: one preallocated KV buffer shared by every call,
-and one CUDA graph per decode step shape and attention span. The model's own modules (norms, projections, rotary embedding, MLP,
-head) do the maths; only attention over the static cache is ours. Anything else uses the dynamic-cache loop.
-On a CPU the same path runs without graphs (tests hold it to the dynamic loop's tokens)."""
+and one CUDA graph per decode step shape and attention span. The model's own modules (norms, projections, rotary
+embedding, MLP, head) do the maths; only attention over the static cache is ours. Anything else uses the
+dynamic-cache loop. On a CPU the same path runs without graphs (tests hold it to the dynamic loop's tokens)."""
 from __future__ import annotations
 
 from collections import OrderedDict
