@@ -70,10 +70,10 @@ def _dequantise(gguf: Path, out: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    publish(tmp, out)
+    publish_cache(tmp, out)
 
 
-def publish(tmp: Path, out: Path) -> None:
+def publish_cache(tmp: Path, out: Path) -> None:
     """Move a finished cache folder into place in one step, so a half-written one is never seen. Processes started
     together (sweep workers, seeds side by side) each build it; the first to finish wins, the others drop theirs."""
     try:

@@ -125,9 +125,10 @@ def test_generation_out_of_memory_halves_the_chunks_and_goes_on(tiny_model_dir, 
 
 def test_static_cache_path_matches_the_dynamic_loop_with_one_buffer(smollm2_dir, tokenizer, monkeypatch):
     """The GPU sampler's path (one KV buffer; each prompt's prefill copied into its n rows; attention over the
-    buffer's filled part), run on the CPU without CUDA graphs: the dynamic loop's greedy tokens and logprobs, sampled logprobs the trainer agrees
-    with, and one buffer for calls whose chunks differ in prompt width, reserved before the first prefill (grown
-    for the widest chunk, which comes last, it once ran an 80 GB card out of memory)."""
+    buffer's filled part), run on the CPU without CUDA graphs: the dynamic loop's greedy tokens and logprobs,
+    sampled logprobs the trainer agrees with, and one buffer for calls whose chunks differ in prompt width,
+    reserved before the first prefill (grown for the widest chunk, which comes last, it once ran an 80 GB card out
+    of memory)."""
     from grpo.engines import static_decode
     from grpo.engines.static_decode import StaticDecoder
 

@@ -111,18 +111,18 @@ def test_credentials_never_reach_lines_or_params(store, tmp_path):
 def test_model_cache_built_by_two_processes_at_once_keeps_the_first(tmp_path):
     """Seeds started side by side each dequantise the bundled model into an empty cache; the one that finishes
     second must drop its copy, not fail with 'Directory not empty' (seen on a 4-GPU machine)."""
-    from grpo.model import publish
+    from grpo.model import publish_cache
 
     out = tmp_path / "smollm2"
     for name, text in (("first", "1"), ("second", "2")):
         folder = tmp_path / f".tmp-{name}"
         folder.mkdir()
         (folder / "config.json").write_text(text)
-        publish(folder, out)
+        publish_cache(folder, out)
         assert not folder.exists()
     assert (out / "config.json").read_text() == "1"
     broken = tmp_path / "broken"  # a folder in the way that is no finished model: not ours to keep quiet about
     (broken / "junk").mkdir(parents=True)
     (tmp_path / ".tmp-third").mkdir()
     with pytest.raises(OSError):
-        publish(tmp_path / ".tmp-third", broken)
+        publish_cache(tmp_path / ".tmp-third", broken)

@@ -63,7 +63,7 @@ class TorchEngine:
         generator = torch.Generator(device=self.model.device).manual_seed(seed)
         per_chunk = max(1, self.batch_size // n)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
-        self._call_width = self._bucket(max(map(len, prompts), default=1))  # the static buffer is sized for it
+        widest = self._bucket(max(map(len, prompts), default=1))
         results: list[list[Completion]] = [[] for _ in prompts]
         start, tokens = time.perf_counter(), 0
         label = "evaluate (greedy)" if temperature == 0 else f"rollout (T={temperature:g}, {n} each)"
@@ -73,6 +73,8 @@ class TorchEngine:
             while k < len(order):
                 chunk = order[k:k + per_chunk]
                 try:
+                    if self.static:  # before the prefill, for the call's widest chunk: never grown beside a cache
+                        self.static.reserve(len(chunk) * n, widest + max_new_tokens)
                     outs = self._decode([prompts[i] for i in chunk], n, temperature, max_new_tokens, generator)
                 except torch.OutOfMemoryError:
                     if len(chunk) == 1:
@@ -113,8 +115,6 @@ class TorchEngine:
 
         device = self.model.device
         width = self._bucket(max(map(len, prompts)))
-        if self.static:  # before the prefill: the buffer for the call's widest chunk, so it never grows beside it
-            self.static.reserve(len(prompts) * n, max(width, self._call_width) + max_new_tokens)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
