@@ -136,6 +136,8 @@ def main(argv=None) -> None:
                    "--learning_rate 1e-5 --temperature 1.0 --max_new_tokens 384 --micro_batch 64 "
                    "--generation_batch_size 1024", help="seeds: trl_peer.py flags of the `trl` setting")
     args = p.parse_args(ours)
+    if args.best and not args.best.is_file():
+        p.error(f"--best {args.best}: no such file; pass a sweep's best.json (docs/h100x4_study/best.json)")
     out = Path(args.out).resolve()
     if args.phase in ("sweep", "all"):
         sweep(out, args, flags)
