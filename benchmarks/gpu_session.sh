@@ -5,6 +5,8 @@
 # the checkout to compare against in .baseline/ (its grpo/ and entrypoints/), and the bundled GGUF split in two by
 # ../shared/device/prepare-model-carry into .carry1/ and .carry2/.
 #   checks     [.whl .carry0 .baseline .carry1]: installs the wheels, runs benchmarks/gpu_checks.py and a small chain
+#   sampler ARGS [.carry0 .baseline] after prep: the 1B-shaped chain (2 iterations) on .baseline's code, then this
+#              checkout's, same flags (rollout tokens/s before and after a sampler change)
 #   bench ARGS [.whl .carry0 .baseline .carry1]: installs, then the 1B-shaped iteration benchmark, the old checkout
 #              then this one (benchmarks/iteration.py)
 #   scale RANKS... [.whl .carry0]: installs, a small trainer-group smoke run (SMOKE=0: none), then the 1B-shaped
@@ -28,11 +30,14 @@ phase=$1; shift
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 GRPO_SMOLLM2_GGUF=/tmp/m/model.gguf GRPO_CACHE=/tmp/cache
 export MLFLOW_ALLOW_FILE_STORE=true TOKENIZERS_PARALLELISM=false
 mkdir -p /tmp/m "$OUT"
-setup() {
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    2>&1 | grep -v "WARNING: Target directory"
-  rm -rf /tmp/tok /tmp/baseline; cp -r .carry0/tok /tmp/tok; cp -r .baseline /tmp/baseline
-  ln -sfn "$PWD/data" /tmp/baseline/data; cp .carry1/* /tmp/m/ 2>/dev/null
+setup() {  # what the call carries; wheels once per machine (reinstalling under running processes breaks them)
+  if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl 2>&1 | grep -v "WARNING: Target directory"; touch /tmp/site/.installed
+  fi
+  [ -d .carry0 ] && { rm -rf /tmp/tok; cp -r .carry0/tok /tmp/tok; }
+  [ -d .baseline ] && { rm -rf /tmp/baseline; cp -r .baseline /tmp/baseline; ln -sfn "$PWD/data" /tmp/baseline/data; }
+  cp .carry1/* /tmp/m/ 2>/dev/null
 }
 collect() {
   cp /tmp/study/log /tmp/study/study.log
@@ -45,6 +50,14 @@ checks)
   python3 benchmarks/gpu_checks.py /tmp/tok 2>&1 | grep -v Warning
   python3 benchmarks/iteration.py --out /tmp/bench-smoke --tokenizer /tmp/tok --problems 8 --max_new_tokens 64 \
     --iterations 2 --name smoke --extra "--max_tokens_per_micro_batch 16384 --checkpoint_every 1 --val_limit 8" ;;
+sampler)  # the rollout before/after a sampler change: the same 1B-shaped chain on .baseline's code, then this one
+  setup
+  for name in before after; do
+    code=""; [ $name = before ] && code=/tmp/baseline
+    python3 benchmarks/iteration.py --out /tmp/bench --tokenizer /tmp/tok --code "$code" --name $name \
+      --iterations 2 --extra "--max_tokens_per_micro_batch 8192" "$@"
+  done
+  cp /tmp/bench/*.json "$OUT/" ;;
 bench)
   setup
   python3 benchmarks/iteration.py --out /tmp/bench --tokenizer /tmp/tok --code /tmp/baseline --name before \
@@ -72,6 +85,7 @@ sweeps)
 prep)
   for w in .whl .whl_trl; do [ -d $w ] && python3 -m pip install -q --no-index --no-deps --no-compile \
     --no-cache-dir --upgrade --target /tmp/site $w/*.whl 2>&1 | grep -v "WARNING: Target directory"; done
+  [ -d .whl ] && touch /tmp/site/.installed
   [ -d .carry0 ] && { rm -rf /tmp/tok; cp -r .carry0/tok /tmp/tok; }
   cp .carry1/* .carry2/* /tmp/m/ 2>/dev/null
   if [ -f /tmp/m/part_aa ] && [ -f /tmp/m/part_ac ]; then cat /tmp/m/part_* > /tmp/m/model.gguf; md5sum /tmp/m/model.gguf; fi
