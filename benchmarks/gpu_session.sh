@@ -41,7 +41,7 @@ setup() {  # what the call carries; wheels once per machine (reinstalling under 
 }
 collect() {
   cp /tmp/study/log /tmp/study/study.log
-  tar czf "$OUT/study.tgz" -C /tmp --exclude=grpo_runs --exclude='*.safetensors' --exclude='*.pt' study
+  tar czf "$OUT/study.tgz" -C /tmp --exclude=grpo_runs --exclude=mlartifacts --exclude='*.safetensors' --exclude='*.pt' study
 }
 case $phase in
 checks)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = {"reference": [], "tuned": ["--attempts", "16", "--learning_rate", "3e-5"]}
+SETTINGS = {"reference": [], "lag1": ["--max_lag", "1"], "tuned": ["--attempts", "16", "--learning_rate", "3e-5"]}
 
 
 def store_env(folder: Path) -> dict:
