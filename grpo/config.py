@@ -209,8 +209,13 @@ class Group(Section):
                       "command that each other machine runs to join; work_dir must be on a filesystem all of "
                       "them see.", low=1)
     rendezvous: str = knob("", "HOST:PORT on main's machine where the group's machines meet (nodes > 1).")
+    trainer_gpu: int = knob(-1, "With one trainer process (ranks=1): -1 = it shares GPU 0 with main's engine, split "
+                            "by gpu_memory_utilization; N >= 1 = it trains on GPU N, a card of its own, and the "
+                            "engine keeps GPU 0 (with max_lag=1 the two then generate and train at once).", low=-1)
 
     def check(self):
+        if self.trainer_gpu == 0:
+            raise ConfigError("trainer_gpu=0 is the engine's GPU; pass -1 to share it, or the index of another GPU")
         if self.nodes > 1 and ":" not in self.rendezvous:
             raise ConfigError(f"nodes={self.nodes} needs rendezvous=HOST:PORT (an address of this machine that "
                               "the others reach, and a free port)")
@@ -286,9 +291,12 @@ class Config:
     io: StageIO = field(default_factory=StageIO)
 
     def __post_init__(self):
-        if self.loop.max_lag:
-            from grpo.group import is_group
+        from grpo.group import is_group
 
+        if self.group.trainer_gpu > 0 and is_group(self.group):
+            raise ConfigError(f"trainer_gpu={self.group.trainer_gpu} places one trainer process, but ranks/nodes ask "
+                              "for a trainer group whose ranks each hold a GPU; pass trainer_gpu=-1")
+        if self.loop.max_lag:
             if is_group(self.group):  # ranks=0 counts this machine's GPUs
                 raise ConfigError("max_lag=1 overlaps the engine with the trainer, but in a trainer group (ranks > 1 "
                                   "or nodes > 1) every rank generates and trains in turn; pass max_lag=0")

@@ -318,11 +318,15 @@ def _init(request: dict):
     from grpo.engines.base import Probe
     from grpo.trainer import Trainer
 
-    if request["device"] == "cuda" and request["memory_fraction"]:
+    device = request["device"]
+    if device.startswith("cuda:"):  # a GPU of its own: "cuda" below means it, and the IPC buffer lives there
+        torch.cuda.set_device(int(device.split(":")[1]))
+        device = "cuda"
+    if device == "cuda" and request["memory_fraction"]:
         torch.cuda.set_per_process_memory_fraction(request["memory_fraction"])
-    trainer = Trainer(request["model"], Optim(**request["optim"]), request["device"], request["checkpoint"])
+    trainer = Trainer(request["model"], Optim(**request["optim"]), device, request["checkpoint"])
     probe = Probe(**request["probe"]) if request["probe"] else None
-    return trainer, _Exporter(request["device"]), probe
+    return trainer, _Exporter(device), probe
 
 
 if __name__ == "__main__":

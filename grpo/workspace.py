@@ -20,15 +20,26 @@ class Placement:
     trainer_memory_fraction: float = 0.0
 
 
-def place(policy, engine_cfg) -> Placement:
+def place(policy, engine_cfg, trainer_gpu: int = -1) -> Placement:
     """One GPU: engine, reference model and trainer share it; gpu_memory_utilization is the main process's
-    share (engine + reference), the trainer process may use the rest. No GPU: everything on the CPU."""
+    share (engine + reference), the trainer process may use the rest. trainer_gpu N >= 1: the trainer has GPU N
+    to itself, main keeps GPU 0 (its share still capped). No GPU: everything on the CPU."""
+    from grpo.errors import ConfigError
     from grpo.model import pick_device
 
     device = pick_device(policy.device)
     if device != "cuda":
+        if trainer_gpu > 0:
+            raise ConfigError(f"trainer_gpu={trainer_gpu} needs GPUs, but this run is on the CPU; pass trainer_gpu=-1")
         return Placement("cpu", "cpu", "cpu")
     share = engine_cfg.gpu_memory_utilization
+    if trainer_gpu > 0:
+        import torch
+
+        if trainer_gpu >= torch.cuda.device_count():
+            raise ConfigError(f"trainer_gpu={trainer_gpu} but {torch.cuda.device_count()} GPU(s) are visible; pass "
+                              f"an index below {torch.cuda.device_count()}, or -1 to share GPU 0")
+        return Placement("cuda", "cuda", f"cuda:{trainer_gpu}", share, 0.0)
     return Placement("cuda", "cuda", "cuda", share, max(0.05, 1 - share - MEMORY_MARGIN))
 
 
@@ -38,7 +49,7 @@ class Workspace:
         """group: (trainer client, start) of a trainer group (grpo.group): its ranks are the engine and the
         reference model, and this process loads neither."""
         self.cfg, self.checkpoint, self.progress, self.group = cfg, checkpoint, progress, group
-        self.placement = placement or place(cfg.policy, cfg.engine)
+        self.placement = placement or place(cfg.policy, cfg.engine, cfg.group.trainer_gpu)
 
     @cached_property
     def splits(self):

@@ -83,6 +83,8 @@ def test_bad_values_give_one_clear_line(argv, message):
     ({"max_lag": 2}, "max_lag must be 0 or 1"),
     ({"max_lag": 1, "ranks": 2}, "max_lag=1 overlaps the engine with the trainer"),
     ({"max_lag": 1, "nodes": 2, "rendezvous": "host:29500"}, "in a trainer group (ranks > 1 or nodes > 1)"),
+    ({"trainer_gpu": 0}, "trainer_gpu=0 is the engine's GPU"),
+    ({"trainer_gpu": 1, "ranks": 2}, "trainer_gpu=1 places one trainer process"),
 ])
 def test_validation_refuses_bad_values(changes, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -121,6 +121,19 @@ def test_more_ranks_than_gpus_is_one_line():
         check_ranks(2, "cuda", 1)
 
 
+def test_trainer_gpu_placement_on_a_machine_without_that_gpu_is_one_line():
+    """The trainer's own card is checked where the placement is made: on this CPU machine (no GPUs) any
+    trainer_gpu is refused with the fix, and the default shares one device."""
+    from grpo.config import Config
+    from grpo.errors import ConfigError
+    from grpo.workspace import Placement, place
+
+    cfg = Config().replace(device="cpu", trainer_gpu=1)
+    with pytest.raises(ConfigError, match="trainer_gpu=1 needs GPUs, but this run is on the CPU"):
+        place(cfg.policy, cfg.engine, cfg.group.trainer_gpu)
+    assert place(cfg.policy, cfg.engine) == Placement("cpu", "cpu", "cpu")
+
+
 def test_a_finetune_sent_to_the_trainer_process_runs_while_main_does_something_else(tiny_model_dir, tokenizer,
                                                                                      tmp_path):
     """max_lag rests on this: `train` sends the request at once and the trainer process works through it on its
