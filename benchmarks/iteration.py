@@ -83,15 +83,20 @@ def read_run(store: Path) -> tuple[dict, dict]:
 
 
 def summarise(name: str, series: dict, finetunes: dict, params: int, wall: float, args) -> dict:
-    """Medians over the iterations after the first (which pays process starts, graph captures, warm-up)."""
+    """Medians over the iterations after the first (which pays process starts, graph captures, warm-up). With
+    max_lag 1 the finetune of iteration i is collected after the rollout and annotate of i+1 (its time is the wait
+    left after them), and the last one drains alone: that drain is left out, so a cycle is rollout + annotate +
+    the wait, as in a long run."""
     steps = sorted(series["time_finetune"])
-    measured = steps[1:] or steps
+    extra = args.extra.split()
+    lagged = "--max_lag" in extra and extra[extra.index("--max_lag") + 1] != "0"
+    steady = steps[:-1] if lagged and len(steps) > 2 else steps
+    measured = steady[1:] or steady
     med = lambda key: statistics.median(series[key][i][0] for i in measured if i in series.get(key, {}))  # noqa
-    ends = [series["time_finetune"][i][1] for i in steps]
+    ends = [series["time_finetune"][i][1] for i in steady]
     per_iteration = statistics.median(b - a for a, b in zip(ends, ends[1:])) / 1000 if len(ends) > 1 else float("nan")
     stages = {s: med(f"time_{s}") for s in ("rollout", "annotate", "finetune")}
     train_tps = statistics.median(finetunes[i]["train_tokens_per_s"] for i in measured)
-    extra = args.extra.split()
     gpus = int(extra[extra.index("--ranks") + 1]) if "--ranks" in extra else 1
     summary = {
         "name": name, "seconds_per_iteration": per_iteration, **{f"{s}_seconds": v for s, v in stages.items()},
@@ -106,7 +111,7 @@ def summarise(name: str, series: dict, finetunes: dict, params: int, wall: float
         "rollout_peak_gpu_gib": max(v for v, _ in series.get("rollout_peak_gpu_gib", {0: (float("nan"), 0)}).values()),
         "trainer_peak_gpu_gib": max(v for v, _ in series.get("trainer_peak_gpu_gib", {0: (float("nan"), 0)}).values()),
         "outside_stages_fraction": 1 - sum(stages.values()) / per_iteration,
-        "wall_seconds": wall, "iterations": len(steps)}
+        "wall_seconds": wall, "iterations": len(steps), "lag_drain_left_out": lagged}
     scale = REFERENCE_SAMPLES / (args.problems * args.attempts)
     summary["projected_reference_iteration_seconds"] = scale * sum(stages.values())
     return summary
@@ -153,20 +158,19 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # the stores are file stores, read back here
-    if args.model:
-        model, params = args.model, None
-    else:
-        from grpo.model import resolve
+    from grpo.model import resolve
 
-        model = str(out / "llama-1b-shape")
-        params = build_model(Path(model), args.tokenizer or resolve("smollm2-135m"))
-    if params is None:
+    if args.model:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        model = args.model
         with torch.device("meta"):
-            params = sum(x.numel() for x in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
-                         .parameters())
+            config = AutoConfig.from_pretrained(resolve(model))  # the bundled id is a folder in the cache
+            params = sum(x.numel() for x in AutoModelForCausalLM.from_config(config).parameters())
+    else:
+        model = str(out / "llama-1b-shape")
+        params = build_model(Path(model), args.tokenizer or resolve("smollm2-135m"))
     code = Path(args.code).resolve() if args.code else ROOT
     name = args.name or code.name
     store = out / f"store-{name}" / "mlruns"
