@@ -22,6 +22,11 @@
 #   wait SECONDS: waits for the study (at most SECONDS), prints its log's end and the GPUs' use, and brings back
 #              what it has so far as collect does (a machine can go back between calls: then the last copy remains)
 #   collect: the study's results as $OUT/study.tgz (stores, exports, figures; no checkpoints)
+#   split ARGS [.carry0 when alone]: three 1B-shaped chains at once on a 4-GPU machine, so that they are side by side:
+#              GPU 0 shared at lag 0, GPU 3 shared at lag 1, GPUs 1+2 with the trainer on its own card at lag 1
+#              (ITERATIONS, default 5)
+#   profile ARGS [.whl .carry0 (.baseline)]: the trainer alone on the 1B shape, micro-batch shapes side by side and
+#              its GPU time by kernel kind (benchmarks/trainer_profile.py ARGS); .baseline's trainer first if carried
 #   learn SECONDS ARGS [.carry2]: joins and dequantises SmolLM2 (GGUF split 45 MB + 53 MB so that each call fits),
 #              runs main with ARGS for at most SECONDS, exports the run (one call per seed, --seed N; then
 #              benchmarks/seeds.py here puts the seeds of each setting side by side)
@@ -105,6 +110,23 @@ wait)
   collect ;;  # what the study has so far comes back with every call: a machine lost between calls loses less
 collect)
   collect; ls -la "$OUT" ;;
+split)
+  setup
+  flags="--max_tokens_per_micro_batch 8192"; args=("$@")
+  run() {  # name, visible GPUs, extra flags of main
+    CUDA_VISIBLE_DEVICES=$2 python3 benchmarks/iteration.py --out "/tmp/split-$1" --tokenizer /tmp/tok --name "$1" \
+      --iterations "${ITERATIONS:-5}" --extra "$flags $3" "${args[@]}" > "/tmp/split-$1.log" 2>&1
+  }
+  run shared-lag0 0 "--max_lag 0" & run shared-lag1 3 "--max_lag 1" & run split-lag1 1,2 "--trainer_gpu 1 --max_lag 1" &
+  wait
+  tail -n 25 /tmp/split-*.log; cp /tmp/split-*/*.json /tmp/split-*.log "$OUT/" ;;
+profile)
+  setup
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  cd benchmarks
+  [ -d /tmp/baseline ] && python3 trainer_profile.py --out /tmp/prof --tokenizer /tmp/tok --code /tmp/baseline \
+    --name before --profile 0 "$@" 2>&1 | grep -v Warning
+  python3 trainer_profile.py --out /tmp/prof --tokenizer /tmp/tok --name after "$@" 2>&1 | grep -v Warning ;;
 learn)
   budget=$1; shift
   cp .carry2/* /tmp/m/ && cat /tmp/m/part_* > /tmp/m/model.gguf

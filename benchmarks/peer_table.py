@@ -37,16 +37,19 @@ def ours(folder: Path) -> dict:
 
 def trl(folder: Path) -> dict:
     log = [json.loads(line) for line in (folder / "trl_log.jsonl").open()]
-    summary = json.loads((folder / "trl_summary.json").read_text())
+    summary_file = folder / "trl_summary.json"
+    # a run that died in training wrote no summary: its log still times the learning, with no test result
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {
+        "train_seconds": log[-1]["seconds"], "peak_gpu_gib": float("nan"), "gpu": "unknown (the run died)",
+        "test": {"test_accuracy": float("nan"), "test_boxed_rate": float("nan")}, "died": True}
     window = lambda k: [r["reward_mean"] for r in log[max(0, k - 2):k + 1]]  # noqa: E731
     smooth = [(log[k]["seconds"], sum(window(k)) / len(window(k))) for k in range(len(log))]
-    per_step = summary["args"]["problems_per_step"] * summary["args"]["attempts"]
-    tokens = sum(r["completion_tokens_mean"] * per_step for r in log)
+    tokens = sum(r["completion_tokens_mean"] * r["samples"] for r in log)
     return {"reward": smooth, "boxed": [(r["seconds"], r["boxed_rate"]) for r in log], "steps": len(log),
             "seconds": summary["train_seconds"],
             "test_accuracy": summary["test"]["test_accuracy"], "test_boxed_rate": summary["test"]["test_boxed_rate"],
             "end_to_end_tokens_per_s": tokens / summary["train_seconds"], "peak_gpu_gib": summary["peak_gpu_gib"],
-            "gpu": summary["gpu"], "final_boxed": log[-1]["boxed_rate"]}
+            "gpu": summary["gpu"], "final_boxed": log[-1]["boxed_rate"], "died": summary.get("died", False)}
 
 
 def first_reaching(curve: list[tuple[float, float]], target: float) -> float | None:
@@ -82,8 +85,9 @@ def main(ours_dir: str, trl_dir: str, curve: str | None = None) -> None:
     print("| | ours | TRL GRPOTrainer | ours / TRL |")
     print("|---|---|---|---|")
     print(f"| time to train reward {target:+.2f} | {fmt(ta)} | {fmt(tb)} | **{ratio}** |")
+    died = " (died in training: no test result)" if b["died"] else ""
     print(f"| wall-clock of the run | {a['seconds']:.0f} s ({a['iterations']} iterations) | "
-          f"{b['seconds']:.0f} s ({b['steps']} steps) | |")
+          f"{b['seconds']:.0f} s ({b['steps']} steps){died} | |")
     print(f"| test boxed rate, start -> end | {a['test_boxed_rate'][0]:.1%} -> {a['test_boxed_rate'][1]:.1%} | "
           f"-> {b['test_boxed_rate']:.1%} | |")
     print(f"| test accuracy, start -> end | {a['test_accuracy'][0]:.1%} -> {a['test_accuracy'][1]:.1%} | "

@@ -17,8 +17,10 @@ def main(cfg, hints):
     from grpo.artifacts import RunLock
     from grpo.pipeline import run_main
     from grpo.resume import prepare
+    from grpo.workspace import check_placement
 
     cfg, folder, changes = prepare(cfg)
+    check_placement(cfg)  # a placement the machine cannot hold is refused before a run is started
     # a resume takes the run's lock before it touches the run, so a second one is refused without side effects
     with RunLock(folder) if folder else contextlib.nullcontext():
         with tracking.stage_run("main", cfg.as_params("main"), system_metrics=cfg.tracking.system_metrics) as run:

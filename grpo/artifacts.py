@@ -8,8 +8,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 from grpo.errors import DataError, ResumeError
+
+if TYPE_CHECKING:
+    import torch
 
 TMP_PREFIX = ".tmp-"  # temp folders and files; whatever carries it after a crash is garbage
 OURS = ".grpo-output"  # marks a folder this project created, so it may replace it later
@@ -185,3 +189,31 @@ class RunLock:
         if self.handle is not None:
             _HELD.discard(self.path)
             self.handle.close()  # closing releases the lock
+
+
+def state_once(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, detached tensor) of the state dict, tied tensors once: HF re-ties them on load."""
+    seen = set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            yield name, tensor.detach()
+
+
+def to_host(value, pinned: dict | None = None, path: tuple = ()):
+    """CPU copies of the tensors in a nested state (dicts, lists, tuples). With `pinned`, GPU tensors are copied
+    asynchronously into pinned buffers kept in pinned[path] for the next call (the caller synchronises)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        if pinned is None or value.device.type != "cuda":
+            return value.detach().to("cpu", copy=True)
+        buffer = pinned.get(path)
+        if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+            buffer = pinned[path] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        return buffer.copy_(value.detach(), non_blocking=True)
+    if isinstance(value, dict):
+        return {k: to_host(v, pinned, path + (k,)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_host(v, pinned, path + (k,)) for k, v in enumerate(value))
+    return value

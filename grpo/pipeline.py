@@ -271,12 +271,9 @@ def _loop(cfg, chain: Chain, state: RunState) -> dict:
         return metrics
 
     chain.ws.check_prompt_fits()
-    if chain.grouped:
-        import torch
+    from grpo.workspace import check_placement
 
-        from grpo.group import check_ranks, local_ranks
-
-        check_ranks(local_ranks(cfg.group), chain.ws.placement.trainer, torch.cuda.device_count())
+    check_placement(cfg)  # again: the sweep calls run_main without main's entry point
     chain.replay(state.done)
     evaluations = [evaluate(0)]
     i = chain.trained

@@ -140,12 +140,18 @@ def split_by_row(values: torch.Tensor, packed: Packed) -> list[list[float]]:
     return [chunk.tolist() for chunk in values.float().cpu().split(packed.seq_tokens.tolist())]
 
 
-def autocast(device: str):
-    """bf16 autocast where the trainer uses it (GPU, and CPUs with bf16 units); float32 elsewhere. The trainer and
-    the reference model run under the same context with float32 weights, so KL starts at exactly 0."""
+def compute_dtype(device: str) -> torch.dtype:
+    """bf16 where the trainer computes in it (GPU, and CPUs with bf16 units), float32 elsewhere: the dtype of the
+    trainer's forward copy and of the reference model, so that KL starts at exactly 0."""
     from grpo.model import cpu_has_fast_bf16
 
-    if device == "cuda" or (device == "cpu" and cpu_has_fast_bf16()):
+    return torch.bfloat16 if device == "cuda" or (device == "cpu" and cpu_has_fast_bf16()) else torch.float32
+
+
+def autocast(device: str):
+    """bf16 autocast where compute_dtype is bf16 (the weights are bf16 there already; autocast keeps the ops it
+    lists in float32, the same for the trainer and the reference model); nothing elsewhere."""
+    if compute_dtype(device) == torch.bfloat16:
         return torch.autocast(device, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -168,12 +174,10 @@ def score_completions(model, prompts, completions, temperature: float, max_token
 
 
 def load_reference(model: str, device: str):
-    """The starting policy in float32 weights, scored under the trainer's autocast: KL is exactly 0 at step 0."""
-    import torch
-
+    """The starting policy in the trainer's compute dtype, scored under its autocast: KL is exactly 0 at step 0."""
     from grpo.model import load_model
 
-    reference = load_model(model, device, dtype=torch.float32)
+    reference = load_model(model, device, dtype=compute_dtype(device))
     use_varlen_attention(reference)
     return reference
 

@@ -85,6 +85,8 @@ class TrainerClient:
     def _died(self, what: str):
         code = self.process.wait()
         self.process = None
+        if code == -signal.SIGINT:  # Ctrl-C reached it before it could ignore it (while starting): the user's stop
+            raise KeyboardInterrupt
         raise TrainerError(f"{what}: the trainer process died (exit code {code}); its traceback is above")
 
     def ask(self, request: dict, what: str) -> dict:

@@ -43,6 +43,19 @@ def place(policy, engine_cfg, trainer_gpu: int = -1) -> Placement:
     return Placement("cuda", "cuda", "cuda", share, max(0.05, 1 - share - MEMORY_MARGIN))
 
 
+def check_placement(cfg) -> Placement:
+    """The run's placement, or a one-line ConfigError naming the fix, checked before anything is logged: a
+    trainer_gpu the machine lacks, or more trainer ranks than visible GPUs (then no FAILED run is left behind)."""
+    from grpo.group import check_ranks, is_group, local_ranks
+
+    placement = place(cfg.policy, cfg.engine, cfg.group.trainer_gpu)
+    if is_group(cfg.group):
+        import torch
+
+        check_ranks(local_ranks(cfg.group), placement.trainer, torch.cuda.device_count())
+    return placement
+
+
 class Workspace:
     def __init__(self, cfg, placement: Placement | None = None, checkpoint: str = "", progress: bool = True,
                  group=None):

@@ -94,6 +94,15 @@ def test_resuming_a_run_that_does_not_exist_is_one_line(store):
     assert "no run 0123456789abcdef0123456789abcdef in the tracking store" in line
 
 
+def test_placement_the_machine_cannot_hold_is_refused_before_a_run_starts(store, tiny_model_dir):
+    """A trainer GPU this (GPU-less) machine lacks: one line with the fix, and no FAILED main run left behind."""
+    import mlflow
+
+    line = _fails_fast("main", "--model", tiny_model_dir, "--device", "cpu", "--trainer_gpu", "1")
+    assert "trainer_gpu=1 needs GPUs, but this run is on the CPU; pass trainer_gpu=-1" in line
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
 def test_sweep_objective_that_does_not_exist_is_refused_before_any_trial(store):
     line = _fails_fast("sweep", "--objective", "accuracy", "--n_trials", "1")
     assert "objective 'accuracy' is not a main-run metric; pick one of" in line

@@ -121,6 +121,20 @@ def test_more_ranks_than_gpus_is_one_line():
         check_ranks(2, "cuda", 1)
 
 
+def test_a_trainer_process_that_ctrl_c_killed_while_starting_is_an_interrupt_not_a_failure():
+    """Ctrl-C reaches the whole foreground group; a trainer still starting (before it ignores SIGINT) dies of it.
+    Main must then end the run as interrupted (KILLED, with the resume line), not report a broken trainer."""
+    from grpo.errors import TrainerError
+
+    for code, expected in (("import os, signal; os.kill(os.getpid(), signal.SIGINT)", KeyboardInterrupt),
+                           ("raise SystemExit(3)", TrainerError)):
+        client = TrainerClient(timeout=5)
+        client.process = subprocess.Popen([sys.executable, "-c", code])
+        with pytest.raises(expected):
+            client._died("finetune")
+        assert client.process is None
+
+
 def test_trainer_gpu_placement_on_a_machine_without_that_gpu_is_one_line():
     """The trainer's own card is checked where the placement is made: on this CPU machine (no GPUs) any
     trainer_gpu is refused with the fix, and the default shares one device."""

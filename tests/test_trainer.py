@@ -36,11 +36,11 @@ def _train(trainer, rows, iteration=0):
 
 def test_one_step_raises_positive_and_lowers_negative(tiny_model_dir, tokenizer):
     trainer = Trainer(tiny_model_dir, Optim(learning_rate=1e-2, warmup_steps=0, kl_coef=0.0), "cpu")
-    rows = _rows(tokenizer, trainer.model)
+    rows = _rows(tokenizer, trainer.compute)
     steps, summary = _train(trainer, rows)
     assert summary["optimizer_steps"] == 1 and [e["step"] for e in steps] == [1]
     assert steps[0]["metrics"]["ratio_mean"] == pytest.approx(1, abs=1e-4)  # first step: policy = sampler
-    new = score_completions(trainer.model, [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], 1.0)
+    new = score_completions(trainer.compute, [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], 1.0)
     assert sum(new[0]) > sum(rows[0]["logprobs"]) and sum(new[1]) < sum(rows[1]["logprobs"])
 
 
@@ -70,7 +70,7 @@ def test_step_gradient_does_not_depend_on_how_the_step_is_cut(tiny_model_dir, to
 
 def test_ratio_max_is_the_max_over_micro_batches(tiny_model_dir, tokenizer):
     trainer = Trainer(tiny_model_dir, Optim(train_batch_size=1, gradient_accumulation_passes=4), "cpu")
-    steps, _ = _train(trainer, _rows(tokenizer, trainer.model, 4))
+    steps, _ = _train(trainer, _rows(tokenizer, trainer.compute, 4))
     m = steps[0]["metrics"]
     assert m["ratio_max"] == pytest.approx(1.0, abs=1e-4) and m["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
     assert m["sequences"] == 4
@@ -78,16 +78,38 @@ def test_ratio_max_is_the_max_over_micro_batches(tiny_model_dir, tokenizer):
 
 def test_nan_stops_before_anything_is_kept(tiny_model_dir, tokenizer):
     trainer = Trainer(tiny_model_dir, Optim(train_batch_size=1, gradient_accumulation_passes=1), "cpu")
-    rows = _rows(tokenizer, trainer.model, 1, advantages=(math.nan,))
+    rows = _rows(tokenizer, trainer.compute, 1, advantages=(math.nan,))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     with pytest.raises(NumericsError, match="nothing of it was kept"):
         _train(trainer, rows)
     assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
 
 
+def test_bf16_compute_copy_follows_the_float32_master(tiny_model_dir, tokenizer, monkeypatch):
+    """Where the trainer computes in bf16, forward and backward run on a bf16 copy; AdamW updates the float32
+    master from float32 gradients summed over micro-batches, and the copy is the master rounded after each step."""
+    monkeypatch.setenv("GRPO_CPU_BF16", "1")
+    trainer = Trainer(tiny_model_dir, Optim(learning_rate=1e-3, warmup_steps=0, train_batch_size=1,
+                                            gradient_accumulation_passes=4), "cpu")
+    assert trainer.compute is not trainer.model
+    assert {p.dtype for p in trainer.compute.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    grads = []
+    trainer._grads_to_master = (lambda add: lambda: (add(), grads.append(  # noqa: E731
+        [p.grad.clone() for p in trainer.model.parameters()])))(trainer._grads_to_master)
+    _train(trainer, _rows(tokenizer, trainer.compute, 4))
+    assert len(grads) == 4 and all(g.dtype == torch.float32 for g in grads[-1])
+    assert any(not torch.equal(a, b) for a, b in zip(grads[0], grads[-1]))  # the 4 micro-batches added up
+    assert all(p.grad is None for p in trainer.compute.parameters())
+    assert any(not torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+    for master, compute in zip(trainer.model.parameters(), trainer.compute.parameters()):
+        assert torch.equal(compute, master.detach().to(torch.bfloat16))
+
+
 def test_rows_annotate_did_not_score_are_not_trained(tiny_model_dir, tokenizer):
     trainer = Trainer(tiny_model_dir, Optim(), "cpu")
-    rows = _rows(tokenizer, trainer.model, 4)
+    rows = _rows(tokenizer, trainer.compute, 4)
     rows[3]["ref_logprobs"] = None  # a flat group's row
     _, summary = _train(trainer, rows)
     assert (summary["sequences_trained"], summary["sequences_skipped"]) == (3, 1)
@@ -95,7 +117,7 @@ def test_rows_annotate_did_not_score_are_not_trained(tiny_model_dir, tokenizer):
 
 def test_background_checkpoint_is_complete_and_resumes_step_and_optimizer(tiny_model_dir, tokenizer, tmp_path):
     trainer = Trainer(tiny_model_dir, Optim(train_batch_size=1, gradient_accumulation_passes=1), "cpu")
-    rows = _rows(tokenizer, trainer.model, 2)
+    rows = _rows(tokenizer, trainer.compute, 2)
     _train(trainer, rows)
     target = tmp_path / "run" / "checkpoints" / "iter-0000"
     trainer.save(target)  # background
@@ -113,7 +135,7 @@ def test_background_checkpoint_is_complete_and_resumes_step_and_optimizer(tiny_m
 
 def test_trainer_old_logprobs_and_the_sampler_gap(tiny_model_dir, tokenizer):
     trainer = Trainer(tiny_model_dir, Optim(old_logprobs="trainer", tis_cap=2.0), "cpu")
-    rows = _rows(tokenizer, trainer.model, 4)
+    rows = _rows(tokenizer, trainer.compute, 4)
     for r in rows:
         r["logprobs"] = [x - 0.1 for x in r["logprobs"]]  # the engine sampled from a slightly different model
     steps, summary = _train(trainer, rows)

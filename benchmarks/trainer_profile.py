@@ -1,0 +1,135 @@
+"""The trainer alone on the 1B shape: optimisation tokens/s and MFU for a few micro-batch shapes, side by side in
+one process, and where one optimiser step's GPU time goes (torch.profiler, kernels grouped by kind), so that MFU
+work aims at what costs. Synthetic rows stand in for a rollout (random ids; lengths like a 512-token rollout).
+
+    python benchmarks/trainer_profile.py --out DIR [--tokenizer TOK] [--shapes 16:8192 32:16384] [--rows 512]
+
+A shape is ROWS:TOKENS, the micro-batch caps (train_batch_size : max_tokens_per_micro_batch); every shape trains
+32 sequences per optimiser step, as the iteration benchmark does. MFU = 6 x parameters x tokens/s / bf16 peak."""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from iteration import PEAK_BF16, ROOT, build_model  # this folder is on sys.path when the script runs
+
+KINDS = [("matmul", ("gemm", "matmul", "cutlass", "sm90_xmma", "nvjet", "ampere", "wgmma")),
+         ("attention", ("flash", "fmha", "attention")), ("optimizer", ("adam", "multi_tensor")),
+         ("softmax / logprobs", ("softmax", "logsumexp", "log_softmax", "gather")),
+         ("norm", ("rms", "norm")), ("copy / cast", ("copy", "cast", "to_copy", "memcpy", "memset", "fill"))]
+
+
+def synthetic_rows(n: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Rows as annotate writes them: prompt ~80-160 tokens, completion 60-512, logprobs of a sampler, advantages."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt, completion = rng.randint(80, 160), rng.randint(60, 512)
+        rows.append({"prompt_ids": [rng.randrange(vocab) for _ in range(prompt)],
+                     "completion_ids": [rng.randrange(vocab) for _ in range(completion)],
+                     "logprobs": [-rng.uniform(0.1, 3.0) for _ in range(completion)],
+                     "ref_logprobs": [-rng.uniform(0.1, 3.0) for _ in range(completion)],
+                     "advantage": rng.gauss(0.0, 1.0), "temperature": 1.0, "max_new_tokens": 512})
+    return rows
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
+
+
+def profile_step(trainer, rows: list[dict]) -> dict[str, float]:
+    """GPU milliseconds by kernel kind over one optimiser step (32 rows)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from grpo.trainer import drain
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        drain(trainer.train(rows[:32], iteration=99, seed=0, total_steps=10**6))
+        torch.cuda.synchronize()
+    by_kind: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        gpu_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+        if gpu_us and not event.key.startswith("ProfilerStep"):
+            by_kind[kind_of(event.key)] += gpu_us / 1000
+    top = sorted(prof.key_averages(), key=lambda e: -(getattr(e, "device_time_total", 0) or 0))[:12]
+    print("\ntop kernels of one step (GPU ms):")
+    for event in top:
+        print(f"  {getattr(event, 'device_time_total', 0) / 1000:8.1f}  {event.key[:110]}")
+    return dict(by_kind)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for the 1B-shaped model")
+    p.add_argument("--tokenizer", default="", help="tokenizer folder ('' = the bundled SmolLM2)")
+    p.add_argument("--name", default="", help="label of this code in the output")
+    p.add_argument("--profile", type=int, default=1, help="1 = also profile one step by kernel kind")
+    p.add_argument("--shapes", nargs="+", default=["16:8192", "32:16384"], help="micro-batch caps ROWS:TOKENS")
+    p.add_argument("--rows", type=int, default=512, help="rows per timed finetune (one iteration's rollout)")
+    p.add_argument("--code", default="", help="another checkout whose grpo/ to time instead (before / after)")
+    p.add_argument("--model", default="", help="a model folder instead of the 1B shape (a smoke run on the CPU)")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(Path(args.code).resolve() if args.code else ROOT))
+    import torch
+
+    from grpo.config import Config
+    from grpo.model import resolve
+    from grpo.trainer import Trainer, drain
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = Path(args.model) if args.model else Path(args.out).resolve() / "llama-1b-shape"
+    if args.model:
+        with torch.device("meta"):
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            params = sum(x.numel() for x in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
+                         .parameters())
+    else:
+        params = build_model(model, args.tokenizer or resolve("smollm2-135m"))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    trainer = None
+    results = []
+    for shape in args.shapes:
+        cap_rows, cap_tokens = (int(x) for x in shape.split(":"))
+        optim = Config().replace(train_batch_size=cap_rows, gradient_accumulation_passes=max(1, 32 // cap_rows),
+                                 max_tokens_per_micro_batch=cap_tokens, learning_rate=1e-6).optim
+        if trainer is None:
+            trainer = Trainer(str(model), optim, device)
+            rows = synthetic_rows(args.rows, trainer.model.config.vocab_size)
+        trainer.optim = optim
+        drain(trainer.train(rows[:64], iteration=0, seed=0, total_steps=10**6))  # warm-up: kernels, allocator
+        sync()
+        started = time.perf_counter()
+        summary = drain(trainer.train(rows, iteration=1, seed=0, total_steps=10**6))
+        sync()
+        seconds = time.perf_counter() - started
+        tps = summary["trained_tokens"] / seconds
+        results.append({"shape": shape, "seconds": seconds, "steps": summary["optimizer_steps"], "tokens_per_s": tps,
+                        "mfu": 6 * params * tps / PEAK_BF16, "peak_gib": summary["peak_gpu_gib"]})
+        print(f"{shape}: {seconds:.2f} s, {tps:,.0f} tokens/s, MFU {results[-1]['mfu']:.1%}", flush=True)
+    by_kind = profile_step(trainer, rows) if device == "cuda" and args.profile else {}
+    card = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"\n{args.name or 'this checkout'}: {card}, {params / 1e9:.2f}B parameters, {args.rows} rows, 32 per step\n")
+    print("| micro-batch caps (rows:tokens) | seconds | optimiser steps | tokens/s | MFU | peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['shape']} | {r['seconds']:.2f} | {r['steps']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
+              f"{r['peak_gib']:.1f} |")
+    if not by_kind:
+        return
+    total = sum(by_kind.values())
+    print(f"\none step at {args.shapes[-1]}, GPU time by kernel kind ({total:.0f} ms in all):\n")
+    print("| kind | ms | share |")
+    print("|---|---|---|")
+    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"| {kind} | {ms:.1f} | {ms / total:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
