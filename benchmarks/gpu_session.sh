@@ -124,7 +124,7 @@ profile)
   setup
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   cd benchmarks
-  [ -d /tmp/baseline ] && python3 trainer_profile.py --out /tmp/prof --tokenizer /tmp/tok --code /tmp/baseline \
+  [ -d ../.baseline ] && python3 trainer_profile.py --out /tmp/prof --tokenizer /tmp/tok --code /tmp/baseline \
     --name before --profile 0 "$@" 2>&1 | grep -v Warning
   python3 trainer_profile.py --out /tmp/prof --tokenizer /tmp/tok --name after "$@" 2>&1 | grep -v Warning ;;
 learn)

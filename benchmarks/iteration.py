@@ -47,6 +47,21 @@ def build_model(folder: Path, tokenizer: str) -> int:
         return sum(p.numel() for p in LlamaForCausalLM(config).parameters())
 
 
+def policy_and_parameters(model: str, tokenizer: str, out: Path) -> tuple[str, int]:
+    """(model folder or id, parameter count): `model` as given, or '' = the 1B shape built under `out`."""
+    from grpo.model import resolve
+
+    if not model:
+        folder = out / "llama-1b-shape"
+        return str(folder), build_model(folder, tokenizer or resolve("smollm2-135m"))
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        config = AutoConfig.from_pretrained(resolve(model))  # the bundled id is a folder in the cache
+        return model, sum(x.numel() for x in AutoModelForCausalLM.from_config(config).parameters())
+
+
 def run_chain(code: Path, model: str, store: Path, args, extra: list[str]) -> float:
     """The main entry point of a checkout as a subprocess; returns its wall-clock seconds."""
     flags = ["--model", model, "--backend", "hf", "--shots", "0", "--system_prompt", "", "--problems",
@@ -158,19 +173,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # the stores are file stores, read back here
-    from grpo.model import resolve
-
-    if args.model:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        model = args.model
-        with torch.device("meta"):
-            config = AutoConfig.from_pretrained(resolve(model))  # the bundled id is a folder in the cache
-            params = sum(x.numel() for x in AutoModelForCausalLM.from_config(config).parameters())
-    else:
-        model = str(out / "llama-1b-shape")
-        params = build_model(Path(model), args.tokenizer or resolve("smollm2-135m"))
+    model, params = policy_and_parameters(args.model, args.tokenizer, out)
     code = Path(args.code).resolve() if args.code else ROOT
     name = args.name or code.name
     store = out / f"store-{name}" / "mlruns"

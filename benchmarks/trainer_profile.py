@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from iteration import PEAK_BF16, ROOT, build_model  # this folder is on sys.path when the script runs
+from iteration import PEAK_BF16, ROOT, policy_and_parameters  # this folder is on sys.path when the script runs
 
 KINDS = [("matmul", ("gemm", "matmul", "cutlass", "sm90_xmma", "nvjet", "ampere", "wgmma")),
          ("attention", ("flash", "fmha", "attention")), ("optimizer", ("adam", "multi_tensor")),
@@ -79,19 +79,10 @@ def main(argv=None) -> None:
     import torch
 
     from grpo.config import Config
-    from grpo.model import resolve
     from grpo.trainer import Trainer, drain
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = Path(args.model) if args.model else Path(args.out).resolve() / "llama-1b-shape"
-    if args.model:
-        with torch.device("meta"):
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            params = sum(x.numel() for x in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
-                         .parameters())
-    else:
-        params = build_model(model, args.tokenizer or resolve("smollm2-135m"))
+    model, params = policy_and_parameters(args.model, args.tokenizer, Path(args.out).resolve())
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     trainer = None
     results = []
@@ -100,7 +91,7 @@ def main(argv=None) -> None:
         optim = Config().replace(train_batch_size=cap_rows, gradient_accumulation_passes=max(1, 32 // cap_rows),
                                  max_tokens_per_micro_batch=cap_tokens, learning_rate=1e-6).optim
         if trainer is None:
-            trainer = Trainer(str(model), optim, device)
+            trainer = Trainer(model, optim, device)
             rows = synthetic_rows(args.rows, trainer.model.config.vocab_size)
         trainer.optim = optim
         drain(trainer.train(rows[:64], iteration=0, seed=0, total_steps=10**6))  # warm-up: kernels, allocator

@@ -95,9 +95,13 @@ def test_bf16_compute_copy_follows_the_float32_master(tiny_model_dir, tokenizer,
     assert {p.dtype for p in trainer.compute.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    grads = []
-    trainer._grads_to_master = (lambda add: lambda: (add(), grads.append(  # noqa: E731
-        [p.grad.clone() for p in trainer.model.parameters()])))(trainer._grads_to_master)
+    grads, add = [], trainer._grads_to_master
+
+    def add_and_record():  # the master's gradients after each micro-batch
+        add()
+        grads.append([p.grad.clone() for p in trainer.model.parameters()])
+
+    trainer._grads_to_master = add_and_record
     _train(trainer, _rows(tokenizer, trainer.compute, 4))
     assert len(grads) == 4 and all(g.dtype == torch.float32 for g in grads[-1])
     assert any(not torch.equal(a, b) for a, b in zip(grads[0], grads[-1]))  # the 4 micro-batches added up
