@@ -3,9 +3,10 @@ every seed's test accuracy against wall-clock in one figure (a line per seed, on
 
     python benchmarks/seeds.py CURVES.png reference=DIR,DIR,DIR best=DIR,DIR,DIR
 
-Each DIR is what `export_run.py` wrote for one main run (metrics.csv, run_info.json). The clock starts with the
-main run. Prints a markdown table; a setting's spread is its sample standard deviation and its min..max; a run that
-did not finish counts with its last evaluation."""
+Each DIR is what `export_run.py` wrote for one main run (metrics.csv, run_info.json), or what `trl_peer.py` wrote
+for one TRL run (trl_log.jsonl, trl_summary.json: one test evaluation, at the end). The clock starts with the
+main run, and for TRL with `trainer.train()`. Prints a markdown table; a setting's spread is its sample standard
+deviation and its min..max; a run that did not finish counts with its last evaluation."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,20 @@ from pathlib import Path
 from export_run import read_metrics  # this folder is on sys.path when the script runs
 
 
+def trl_result(folder: Path) -> dict:
+    steps = (folder / "trl_log.jsonl").read_text().splitlines()
+    if not (folder / "trl_summary.json").is_file():  # died in training: no test result to put in a table
+        sys.exit(f"{folder}: no trl_summary.json (the TRL run died after {len(steps)} steps)")
+    summary = json.loads((folder / "trl_summary.json").read_text())
+    test = summary["test"]
+    return {"seed": summary["args"]["seed"], "status": "FINISHED", "test_accuracy": test["test_accuracy"],
+            "test_boxed_rate": test["test_boxed_rate"], "iterations": len(steps),
+            "curve": [(summary["train_seconds"], test["test_accuracy"])]}
+
+
 def seed_result(folder: Path) -> dict:
+    if (folder / "trl_log.jsonl").is_file():
+        return trl_result(folder)
     series = read_metrics(folder)
     info = json.loads((folder / "run_info.json").read_text())
     start = info["start_time_ms"]
@@ -54,7 +68,9 @@ def main(argv: list[str]) -> None:
     for colour, (name, runs) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], settings.items()):
         for k, run in enumerate(runs):
             seconds, accuracy = zip(*run["curve"])
-            axes.plot(seconds, accuracy, marker="o", color=colour, alpha=0.7, label=name if k == 0 else None)
+            alone = len(seconds) == 1  # a TRL run: one evaluation, at the end; drawn big enough to see
+            axes.plot(seconds, accuracy, marker="s" if alone else "o", markersize=9 if alone else 6, color=colour,
+                      alpha=0.7, label=(f"{name} (end only)" if alone else name) if k == 0 else None)
     axes.set_xlabel("wall-clock seconds since the run started")
     axes.set_ylabel("test accuracy (greedy)")
     axes.yaxis.set_major_formatter(plt.FuncFormatter(lambda y, _: f"{y:.1%}"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--generation_batch_size", type=int, default=2048, help="our sampler's batch for the eval")
     p.add_argument("--seed", type=int, default=0, help="TRL's seed (sampling, data order)")
     p.add_argument("--out", default="trl_out", help="output folder")
+    p.add_argument("--detect_anomaly", action="store_true",
+                   help="torch autograd anomaly mode: the first backward op that makes a NaN raises (slow; diagnosis)")
     return p.parse_args()
 
 
@@ -72,6 +75,8 @@ def main() -> None:
     class Budget(TrainerCallback):
         """Log each optimiser step with its wall-clock and stop at the budget."""
 
+        diverged_at = None
+
         def on_train_begin(self, *_, **__):
             self.start = time.perf_counter()
             self.log = (out / "trl_log.jsonl").open("w")
@@ -84,12 +89,19 @@ def main() -> None:
             row = {"step": state.global_step, "seconds": time.perf_counter() - self.start,
                    "reward_mean": logs.get("reward"), "completion_tokens_mean": logs.get("completions/mean_length"),
                    "boxed_rate": sum(k != "unparseable" for k in kinds) / max(len(kinds), 1),
-                   "correct_rate": sum(k == "correct" for k in kinds) / max(len(kinds), 1), "samples": len(kinds)}
+                   "correct_rate": sum(k == "correct" for k in kinds) / max(len(kinds), 1), "samples": len(kinds),
+                   # a non-finite gradient norm would say the weights, not the sampler, went bad
+                   "grad_norm": logs.get("grad_norm")}
             self.log.write(json.dumps(row) + "\n")
             self.log.flush()
             print(f"step {row['step']:4d} {row['seconds']:6.1f}s reward {row['reward_mean']:+.3f} "
                   f"boxed {row['boxed_rate']:.1%} correct {row['correct_rate']:.1%}", flush=True)
             if row["seconds"] >= args.seconds:
+                control.should_training_stop = True
+            if row["grad_norm"] is not None and not math.isfinite(float(row["grad_norm"])):
+                # the optimiser step just written NaN into the weights: every later step is wasted GPU time
+                self.diverged_at = state.global_step
+                print(f"non-finite gradient norm at step {state.global_step}: stopping", flush=True)
                 control.should_training_stop = True
 
     per_step = args.problems_per_step * args.attempts
@@ -105,7 +117,11 @@ def main() -> None:
         # (the documented transformers option) so a rare bad row costs one sample, not the run
         generation_kwargs={"remove_invalid_values": True})
     trainer = GRPOTrainer(model=resolve(args.model), reward_funcs=gsm8k_reward, args=config, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[Budget()])
+                          processing_class=tokenizer, callbacks=[budget := Budget()])
+    torch.autograd.set_detect_anomaly(args.detect_anomaly)
+    # cuDNN's attention backward returned NaN on TRL's left-padded batches (seed 2, step 1, H200, anomaly mode:
+    # ScaledDotProductCudnnAttentionBackward0): PyTorch's flash / memory-efficient kernels instead
+    torch.backends.cuda.enable_cudnn_sdp(False)
     started = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - started
@@ -123,7 +139,8 @@ def main() -> None:
                          checkpoint=str(out / "final"))
     test = splits.test[:args.eval_limit] if args.eval_limit else splits.test
     _, metrics = evaluate(engine, builder, test, args.max_new_tokens)
-    summary = {"train_seconds": train_seconds, "peak_gpu_gib": peak, "test": metrics,
+    summary = {"train_seconds": train_seconds, "peak_gpu_gib": peak, "diverged_at_step": budget.diverged_at,
+               "test": metrics,
                "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "args": vars(args)}
     (out / "trl_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
