@@ -42,25 +42,39 @@ def kind_of(name: str) -> str:
     return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
 
 
-def profile_step(trainer, rows: list[dict]) -> dict[str, float]:
-    """GPU milliseconds by kernel kind over one optimiser step (32 rows)."""
+def profile_step(trainer, rows: list[dict], top: int = 20) -> dict[str, float]:
+    """GPU milliseconds by kernel kind over one optimiser step (32 rows); prints the top kernels, and the top
+    torch ops by the GPU time of their own kernels with their input shapes (which op makes which copy)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from grpo.trainer import drain
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True,
+                 with_stack=True) as prof:
         drain(trainer.train(rows[:32], iteration=99, seed=0, total_steps=10**6))
         torch.cuda.synchronize()
+    gpu = lambda e, own=False: (getattr(e, "self_device_time_total" if own else "device_time_total", 0) or 0)  # noqa
+    # kernels only: a range that torch annotates on the GPU (Optimizer.step#AdamW.step) would count its kernels twice
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "#" not in e.key and not e.key.startswith("ProfilerStep")]
     by_kind: dict[str, float] = defaultdict(float)
-    for event in prof.key_averages():
-        gpu_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
-        if gpu_us and not event.key.startswith("ProfilerStep"):
-            by_kind[kind_of(event.key)] += gpu_us / 1000
-    top = sorted(prof.key_averages(), key=lambda e: -(getattr(e, "device_time_total", 0) or 0))[:12]
-    print("\ntop kernels of one step (GPU ms):")
-    for event in top:
-        print(f"  {getattr(event, 'device_time_total', 0) / 1000:8.1f}  {event.key[:110]}")
+    for event in kernels:
+        by_kind[kind_of(event.key)] += gpu(event) / 1000
+    print("\ntop kernels of one step (GPU ms, calls):")
+    for event in sorted(kernels, key=lambda e: -gpu(e))[:top]:
+        print(f"  {gpu(event) / 1000:8.1f} {event.count:6d}  {event.key[:100]}")
+    ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.device_type == torch.autograd.DeviceType.CPU
+           and e.key.startswith("aten::") and gpu(e, own=True)]
+    print("\ntop torch ops by the GPU time of their own kernels (ms, calls, input shapes):")
+    for event in sorted(ops, key=lambda e: -gpu(e, own=True))[:top]:
+        print(f"  {gpu(event, own=True) / 1000:8.1f} {event.count:6d}  {event.key} {str(event.input_shapes)[:90]}")
+    copies = [e for e in prof.key_averages(group_by_stack_n=6) if e.key in ("aten::copy_", "aten::add_")
+              and gpu(e, own=True)]
+    print("\ncopies and in-place adds by where Python asked for them (ms, calls, innermost frames):")
+    for event in sorted(copies, key=lambda e: -gpu(e, own=True))[:top]:
+        frames = " < ".join(f.split("/")[-1][:60] for f in (event.stack or [])[:4])
+        print(f"  {gpu(event, own=True) / 1000:8.1f} {event.count:6d}  {event.key} {frames}")
     return dict(by_kind)
 
 

@@ -91,17 +91,19 @@ class Trainer:
 
     def __init__(self, model: str, optim, device: str, checkpoint: str = ""):
         from grpo.model import load_model, load_tokenizer
-        from grpo.scoring import compute_dtype, use_varlen_attention
+        from grpo.scoring import compute_dtype, fuse_norms, use_varlen_attention
 
         self.model_name, self.optim, self.device = model, optim, device
         self.tokenizer = load_tokenizer(model)
         self.model = load_model(model, device, dtype=torch.float32, checkpoint=checkpoint)
         self.model.train()
         self.model.config.use_cache = False
-        use_varlen_attention(self.model)
+        cuda = use_varlen_attention(self.model)
         self.compute = self.model
         if compute_dtype(device) != torch.float32:
             self.compute = copy.deepcopy(self.model).to(compute_dtype(device))
+            if cuda:  # as the reference model (load_reference); the probe keeps the engine's own norms
+                fuse_norms(self.compute)
         self._pairs = list(zip(self.model.parameters(), self.compute.parameters()))  # (master, compute), tied once
         kwargs = {"fused": True} if device == "cuda" else {}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.learning_rate,

@@ -159,3 +159,30 @@ def test_learning_rate_schedule_hand_values():
 
 def test_config_optim_section_feeds_the_trainer():
     assert isinstance(Config().optim, Optim) and Path(__file__).exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norms_give_the_models_own_logprobs_and_gradients(tiny_model_dir, tokenizer, dtype):
+    """The trainer's compute copy and the reference model run their RMSNorms fused on CUDA; the same logprobs and
+    gradients as the modules' own forward (here on the CPU, where rms_norm is not fused but the wiring is)."""
+    from grpo.scoring import fuse_norms, pack, sequence_logprobs
+
+    own, fused = (load_model(tiny_model_dir, "cpu", dtype=dtype) for _ in range(2))
+    for model in (own, fused):  # norm weights start at 1: give them values, the same in both models
+        generator = torch.Generator().manual_seed(0)
+        for name, weight in model.named_parameters():
+            if "norm" in name:
+                weight.data = (0.5 + torch.rand(weight.shape, generator=generator)).to(dtype)
+    assert fuse_norms(fused) == 2 * own.config.num_hidden_layers + 1  # two per layer and the final one
+    prompts = [tokenizer.encode("What is 2 plus 3?"), tokenizer.encode("Seven")]
+    completions = [tokenizer.encode(" It is \\boxed{5}."), tokenizer.encode(" eight nine ten")]
+    values = []
+    for model in (own, fused):
+        logprobs = sequence_logprobs(model, pack(prompts, completions, "cpu"), 1.0)
+        logprobs.sum().backward()
+        values.append((logprobs.detach().float(), model.model.norm.weight.grad.float(),
+                       model.model.layers[0].input_layernorm.weight.grad.float()))
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(*values):
+        assert torch.allclose(a, b, rtol=tolerance, atol=tolerance), (a - b).abs().max()
+    assert values[0][0].abs().sum() > 0 and values[0][1].abs().sum() > 0  # something was compared
