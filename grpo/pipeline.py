@@ -215,6 +215,12 @@ def logged_finetune(steps, i: int, total: int | None = None, run_id: str | None 
         return drain(steps, each)
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _peak_gpu() -> dict:
     import torch
 
@@ -236,6 +242,7 @@ def run_main(cfg, folder: Path | None = None, changes: dict | None = None, on_lo
         for name, (was, now) in (changes or {}).items():
             mlflow.set_tag(f"grpo.resumed.{name}", f"{was} -> {now}")
         mlflow.set_tag("grpo.work_dir", str(folder))
+        mlflow.set_tag("grpo.cpu_threads", _torch_threads())  # sweep workers share the cores
         remove_partials(folder)
         chain = Chain(cfg, folder, None)
         if not state.data["done"]:

@@ -169,6 +169,8 @@ def _run_workers(cfg, workers: int, sweep_run_id: str) -> None:
         env = {**os.environ, WORKER_OF: sweep_run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
                "GRPO_PARENT_PID": str(os.getpid())}
         env.pop("MLFLOW_RUN_ID", None)
+        # share the cores (as the trainer group does): N workers with a thread per core each oversubscribe them
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[k % len(gpus)]
         _say(f"worker {k} runs {trials} trial(s)" + (f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else ""))

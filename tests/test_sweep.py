@@ -77,7 +77,8 @@ def test_two_mains_and_two_sweep_workers_share_one_sqlite_store(store, tiny_mode
              "--n_trials", "2", "--workers", "2", "--study_name", "shared",
              "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]
     main = [sys.executable, str(ROOT / "entrypoints" / "main.py"), *common, "--max_iterations", "2"]
-    processes = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the sweep sizes its workers' threads
+    processes = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
                  for command in (sweep, main, main)]
     for process in processes:
         _, err = process.communicate(timeout=1200)
@@ -91,6 +92,8 @@ def test_two_mains_and_two_sweep_workers_share_one_sqlite_store(store, tiny_mode
     trials, runs = _trials(store)
     (sweep_run,) = [r for r in runs if r.data.tags.get("grpo.stage") == "sweep"]
     assert len(trials) == 2 and {r.data.tags["mlflow.parentRunId"] for r in trials} == {sweep_run.info.run_id}
+    # the two workers share the machine's cores instead of each starting a thread per core
+    assert {r.data.tags["grpo.cpu_threads"] for r in trials} == {str(max(1, (os.cpu_count() or 1) // 2))}
     assert sweep_run.info.status == "FINISHED" and sweep_run.data.metrics["trials_complete"] == 2
     client = mlflow.MlflowClient()
     mains = [r for r in runs if r.data.tags.get("grpo.stage") == "main"]
