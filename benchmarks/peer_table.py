@@ -49,7 +49,8 @@ def trl(folder: Path) -> dict:
             "seconds": summary["train_seconds"],
             "test_accuracy": summary["test"]["test_accuracy"], "test_boxed_rate": summary["test"]["test_boxed_rate"],
             "end_to_end_tokens_per_s": tokens / summary["train_seconds"], "peak_gpu_gib": summary["peak_gpu_gib"],
-            "gpu": summary["gpu"], "final_boxed": log[-1]["boxed_rate"], "died": summary.get("died", False)}
+            "gpu": summary["gpu"], "final_boxed": log[-1]["boxed_rate"], "died": summary.get("died", False),
+            "seed": summary.get("args", {}).get("seed", "?")}
 
 
 def first_reaching(curve: list[tuple[float, float]], target: float) -> float | None:

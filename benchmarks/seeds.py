@@ -15,17 +15,16 @@ import sys
 from pathlib import Path
 
 from export_run import read_metrics  # this folder is on sys.path when the script runs
+from peer_table import trl
 
 
 def trl_result(folder: Path) -> dict:
-    steps = (folder / "trl_log.jsonl").read_text().splitlines()
-    if not (folder / "trl_summary.json").is_file():  # died in training: no test result to put in a table
-        sys.exit(f"{folder}: no trl_summary.json (the TRL run died after {len(steps)} steps)")
-    summary = json.loads((folder / "trl_summary.json").read_text())
-    test = summary["test"]
-    return {"seed": summary["args"]["seed"], "status": "FINISHED", "test_accuracy": test["test_accuracy"],
-            "test_boxed_rate": test["test_boxed_rate"], "iterations": len(steps),
-            "curve": [(summary["train_seconds"], test["test_accuracy"])]}
+    run = trl(folder)
+    if run["died"]:  # no test result to put in a table
+        sys.exit(f"{folder}: no trl_summary.json (the TRL run died after {run['steps']} steps)")
+    return {"seed": run["seed"], "status": "FINISHED", "test_accuracy": run["test_accuracy"],
+            "test_boxed_rate": run["test_boxed_rate"], "iterations": run["steps"],
+            "curve": [(run["seconds"], run["test_accuracy"])]}
 
 
 def seed_result(folder: Path) -> dict:

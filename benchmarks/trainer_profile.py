@@ -50,8 +50,7 @@ def profile_step(trainer, rows: list[dict], top: int = 20) -> dict[str, float]:
 
     from grpo.trainer import drain
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True,
-                 with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         drain(trainer.train(rows[:32], iteration=99, seed=0, total_steps=10**6))
         torch.cuda.synchronize()
     gpu = lambda e, own=False: (getattr(e, "self_device_time_total" if own else "device_time_total", 0) or 0)  # noqa
@@ -69,12 +68,6 @@ def profile_step(trainer, rows: list[dict], top: int = 20) -> dict[str, float]:
     print("\ntop torch ops by the GPU time of their own kernels (ms, calls, input shapes):")
     for event in sorted(ops, key=lambda e: -gpu(e, own=True))[:top]:
         print(f"  {gpu(event, own=True) / 1000:8.1f} {event.count:6d}  {event.key} {str(event.input_shapes)[:90]}")
-    copies = [e for e in prof.key_averages(group_by_stack_n=6) if e.key in ("aten::copy_", "aten::add_")
-              and gpu(e, own=True)]
-    print("\ncopies and in-place adds by where Python asked for them (ms, calls, innermost frames):")
-    for event in sorted(copies, key=lambda e: -gpu(e, own=True))[:top]:
-        frames = " < ".join(f.split("/")[-1][:60] for f in (event.stack or [])[:4])
-        print(f"  {gpu(event, own=True) / 1000:8.1f} {event.count:6d}  {event.key} {frames}")
     return dict(by_kind)
 
 

@@ -159,7 +159,7 @@ def _run_workers(cfg, workers: int, sweep_run_id: str) -> None:
 
     import mlflow
 
-    from grpo.trainer_process import ROOT
+    from grpo.trainer_process import ROOT, share_cores
 
     gpus, total = visible_gpus(), cfg.sweep.n_trials
     shares = [total // workers + (k < total % workers) for k in range(workers)]
@@ -169,8 +169,7 @@ def _run_workers(cfg, workers: int, sweep_run_id: str) -> None:
         env = {**os.environ, WORKER_OF: sweep_run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
                "GRPO_PARENT_PID": str(os.getpid())}
         env.pop("MLFLOW_RUN_ID", None)
-        # share the cores (as the trainer group does): N workers with a thread per core each oversubscribe them
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+        share_cores(env, workers)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[k % len(gpus)]
         _say(f"worker {k} runs {trials} trial(s)" + (f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else ""))

@@ -46,7 +46,7 @@ class TrainerClient:
         cmd = [sys.executable, "-m", "grpo.trainer_process"]
         if group is not None and groups.is_group(group):  # torchrun, started by a process that dies with main
             cmd += ["--exec", *groups.launch_command(group)]
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // groups.local_ranks(group))))
+            share_cores(env, groups.local_ranks(group))
         self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.lines = queue.Queue()
         threading.Thread(target=_pump, args=(self.process.stdout, self.lines), daemon=True).start()
@@ -211,6 +211,12 @@ class _Exporter:
         import shutil
 
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def share_cores(env: dict, processes: int) -> None:
+    """Give each of `processes` started at once its share of the CPU cores (OMP_NUM_THREADS, unless the user set
+    it): with a thread per core each, they would oversubscribe the machine."""
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
 
 
 def die_with_parent() -> None:
