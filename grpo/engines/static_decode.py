@@ -139,13 +139,10 @@ class _Shape:
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             self.keys[layer].index_copy_(2, self.slot, k)
             self.values[layer].index_copy_(2, self.slot, v)
-            # grouped-query attention without expanding the cache: the query heads that share a KV head
-            # (h // group, as transformers pairs them) attend as that head's `group` query positions; with a mask,
-            # SDPA's enable_gqa may fall back to a kernel that repeats every cached key and value per step
             out = torch.nn.functional.scaled_dot_product_attention(
-                q.reshape(self.rows, o.kv_heads, o.heads // o.kv_heads, o.head_dim),
-                self.keys[layer][:, :, :span], self.values[layer][:, :, :span], attn_mask=mask)
-            hidden = hidden + attn.o_proj(out.reshape(self.rows, 1, -1))  # [rows, kv, group, dim]: head-major
+                q, self.keys[layer][:, :, :span], self.values[layer][:, :, :span], attn_mask=mask,
+                enable_gqa=o.heads != o.kv_heads)
+            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(self.rows, 1, -1))
             hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
         self.logits.copy_(o.model.lm_head(decoder.norm(hidden))[:, 0])
         self.position.add_(1)
