@@ -25,7 +25,7 @@ download() {  # folder, requirements...: wheels for the device's Python 3.12, mi
     grep -qx "$name" "$tmp/have.txt" || cp "$w" "$out/"
   done
 }
-download .whl "mlflow-skinny>=3.4" "optuna>=4.0" "sqlalchemy>=2.0" "gguf>=0.10"
+download .whl "mlflow-skinny>=3.4" "optuna>=4.0" "sqlalchemy>=2.0" "gguf>=0.10" "orjson>=3.9"
 download .whl_trl --no-deps "trl==1.16.0" "datasets>=3.0" "dill<0.4.2" "multiprocess<0.70.20"  # the rest is there
 # the tokenizer and the GGUF parts
 gguf=$(.venv/bin/python -c "import grpo.model as m; print(m._bundled_gguf())" 2>/dev/null || true)

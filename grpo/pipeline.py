@@ -7,7 +7,6 @@ run resumes from its newest complete checkpoint and replays (without logging aga
 it from their annotated rows, so no stage runs twice and no metric step is logged twice."""
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -15,8 +14,8 @@ from pathlib import Path
 
 from grpo import stages, tracking
 from grpo.console import say
-from grpo.artifacts import (RunLock, RunState, checkpoint_info, checkpoint_path, latest_checkpoint, read_jsonl,
-                            remove_partials, write_jsonl)
+from grpo.artifacts import (RunLock, RunState, checkpoint_info, checkpoint_path, latest_checkpoint, loads,
+                            read_jsonl, remove_partials, write_jsonl)
 from grpo.runner import Stage, StageRunner
 from grpo.trainer import drain
 
@@ -68,8 +67,8 @@ class Chain:
 
     def sampled_with(self, i: int) -> int:
         """Trained iterations in the weights that sampled iteration i's rollouts (the rows' policy_version)."""
-        with self.path("rollouts", i).open() as handle:
-            return json.loads(handle.readline())["policy_version"]
+        with self.path("rollouts", i).open(encoding="utf-8") as handle:
+            return loads(handle.readline())["policy_version"]
 
     def annotate(self, i: int, run_id: str) -> dict:
         rows = read_jsonl(self.path("rollouts", i))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import json
 import os
 import pickle
 import queue
@@ -21,6 +20,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from grpo.artifacts import dumps, loads
 from grpo.errors import GrpoError, TrainerError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +47,7 @@ class TrainerClient:
         if group is not None and groups.is_group(group):  # torchrun, started by a process that dies with main
             cmd += ["--exec", *groups.launch_command(group)]
             share_cores(env, groups.local_ranks(group))
-        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, encoding="utf-8", env=env)
         self.lines = queue.Queue()
         threading.Thread(target=_pump, args=(self.process.stdout, self.lines), daemon=True).start()
         self._send({"op": "init", "model": model, "optim": dataclasses.asdict(optim), "device": device,
@@ -61,7 +61,7 @@ class TrainerClient:
 
     def _send(self, request: dict, what: str) -> None:
         try:
-            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.write(dumps(request) + "\n")
             self.process.stdin.flush()
         except (BrokenPipeError, OSError):
             self._died(what)
@@ -77,7 +77,7 @@ class TrainerClient:
                 from None
         if line is None:
             self._died(what)
-        reply = json.loads(line)
+        reply = loads(line)
         if "error" in reply:
             raise TrainerError(f"{what} failed: {reply['error']}")
         return reply
@@ -244,8 +244,9 @@ def _requests(rank: int, size: int, reply):
         while (request := group.broadcast()) is not None:
             yield request
         return
+    sys.stdin.reconfigure(encoding="utf-8")  # messages are UTF-8 whatever the locale (orjson writes no escapes)
     for line in sys.stdin:
-        request = json.loads(line)
+        request = loads(line)
         if request["op"] == "train":
             from grpo.artifacts import read_jsonl
 
@@ -272,10 +273,10 @@ def serve() -> None:
 
     quiet(tracking=False)
     rank, size = group.setup()
-    replies = os.fdopen(os.dup(1), "w", buffering=1) if rank == 0 else None
+    replies = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8") if rank == 0 else None
     os.dup2(2, 1)  # prints from libraries must not corrupt the replies
     trainer, exporter, probe, work = None, None, None, None
-    reply = (lambda payload: replies.write(json.dumps(payload) + "\n")) if rank == 0 else (lambda payload: None)
+    reply = (lambda payload: replies.write(dumps(payload) + "\n")) if rank == 0 else (lambda payload: None)
     for request in _requests(rank, size, reply):
         try:
             op = request["op"]
