@@ -27,6 +27,8 @@
 #              (ITERATIONS, default 5)
 #   profile ARGS [.whl .carry0 (.baseline)]: the trainer alone on the 1B shape, micro-batch shapes side by side and
 #              its GPU time by kernel kind (benchmarks/trainer_profile.py ARGS); .baseline's trainer first if carried
+#   decoder ARGS [.whl .carry0 (.baseline)]: the torch sampler alone on the 1B shape, a 64 x 8 call's tokens/s and
+#              its GPU time by kernel and by op (benchmarks/sampler_profile.py ARGS); .baseline's first if carried
 #   learn SECONDS ARGS [.carry2]: joins and dequantises SmolLM2 (GGUF split 45 MB + 53 MB so that each call fits),
 #              runs main with ARGS for at most SECONDS, exports the run (one call per seed, --seed N; then
 #              benchmarks/seeds.py here puts the seeds of each setting side by side)
@@ -128,6 +130,13 @@ profile)
     --name before --profile 0 "$@" 2>&1 | grep -v Warning | tee "$OUT/profile-before.txt"
   python3 trainer_profile.py --out /tmp/prof --tokenizer /tmp/tok --name after "$@" 2>&1 | grep -v Warning \
     | tee "$OUT/profile.txt" ;;
+decoder)
+  setup
+  cd benchmarks
+  [ -d ../.baseline ] && python3 sampler_profile.py --out /tmp/prof --tokenizer /tmp/tok --code /tmp/baseline \
+    --name before --profile 0 "$@" 2>&1 | grep -v Warning | tee "$OUT/decoder-before.txt"
+  python3 sampler_profile.py --out /tmp/prof --tokenizer /tmp/tok --name after "$@" 2>&1 | grep -v Warning \
+    | tee "$OUT/decoder.txt" ;;
 learn)
   budget=$1; shift
   cp .carry2/* /tmp/m/ && cat /tmp/m/part_* > /tmp/m/model.gguf

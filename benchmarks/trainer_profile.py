@@ -43,8 +43,7 @@ def kind_of(name: str) -> str:
 
 
 def profile_step(trainer, rows: list[dict], top: int = 20) -> dict[str, float]:
-    """GPU milliseconds by kernel kind over one optimiser step (32 rows); prints the top kernels, and the top
-    torch ops by the GPU time of their own kernels with their input shapes (which op makes which copy)."""
+    """GPU milliseconds by kernel kind over one optimiser step (32 rows), with `report`'s tables."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -53,6 +52,14 @@ def profile_step(trainer, rows: list[dict], top: int = 20) -> dict[str, float]:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         drain(trainer.train(rows[:32], iteration=99, seed=0, total_steps=10**6))
         torch.cuda.synchronize()
+    return report(prof, "one step", top)
+
+
+def report(prof, what: str, top: int = 20, ops: bool = True) -> dict[str, float]:
+    """GPU milliseconds by kernel kind of a finished torch.profiler `prof`; prints the top kernels and (ops) the
+    top torch ops by the GPU time of their own kernels with their input shapes (which op makes which copy)."""
+    import torch
+
     gpu = lambda e, own=False: (getattr(e, "self_device_time_total" if own else "device_time_total", 0) or 0)  # noqa
     # kernels only: a range that torch annotates on the GPU (Optimizer.step#AdamW.step) would count its kernels twice
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
@@ -60,15 +67,25 @@ def profile_step(trainer, rows: list[dict], top: int = 20) -> dict[str, float]:
     by_kind: dict[str, float] = defaultdict(float)
     for event in kernels:
         by_kind[kind_of(event.key)] += gpu(event) / 1000
-    print("\ntop kernels of one step (GPU ms, calls):")
+    print(f"\ntop kernels of {what} (GPU ms, calls):")
     for event in sorted(kernels, key=lambda e: -gpu(e))[:top]:
         print(f"  {gpu(event) / 1000:8.1f} {event.count:6d}  {event.key[:100]}")
-    ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.device_type == torch.autograd.DeviceType.CPU
-           and e.key.startswith("aten::") and gpu(e, own=True)]
-    print("\ntop torch ops by the GPU time of their own kernels (ms, calls, input shapes):")
-    for event in sorted(ops, key=lambda e: -gpu(e, own=True))[:top]:
-        print(f"  {gpu(event, own=True) / 1000:8.1f} {event.count:6d}  {event.key} {str(event.input_shapes)[:90]}")
+    if ops:
+        ops = [e for e in prof.key_averages(group_by_input_shape=True)
+               if e.device_type == torch.autograd.DeviceType.CPU and e.key.startswith("aten::") and gpu(e, own=True)]
+        print(f"\ntop torch ops of {what} by the GPU time of their own kernels (ms, calls, input shapes):")
+        for event in sorted(ops, key=lambda e: -gpu(e, own=True))[:top]:
+            print(f"  {gpu(event, own=True) / 1000:8.1f} {event.count:6d}  {event.key} {str(event.input_shapes)[:90]}")
     return dict(by_kind)
+
+
+def print_kinds(by_kind: dict[str, float], what: str) -> None:
+    total = sum(by_kind.values())
+    print(f"\n{what}, GPU time by kernel kind ({total:.0f} ms in all):\n")
+    print("| kind | ms | share |")
+    print("|---|---|---|")
+    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"| {kind} | {ms:.1f} | {ms / total:.0%} |")
 
 
 def main(argv=None) -> None:
@@ -119,14 +136,8 @@ def main(argv=None) -> None:
     for r in results:
         print(f"| {r['shape']} | {r['seconds']:.2f} | {r['steps']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
               f"{r['peak_gib']:.1f} |")
-    if not by_kind:
-        return
-    total = sum(by_kind.values())
-    print(f"\none step at {args.shapes[-1]}, GPU time by kernel kind ({total:.0f} ms in all):\n")
-    print("| kind | ms | share |")
-    print("|---|---|---|")
-    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
-        print(f"| {kind} | {ms:.1f} | {ms / total:.0%} |")
+    if by_kind:
+        print_kinds(by_kind, f"one step at {args.shapes[-1]}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ def main(cfg, hints):
         tracking.log_metrics(summary, step=i)
         mlflow.set_tag("grpo.checkpoint", str(output.resolve()))
         mlflow.log_artifacts(str(output), "checkpoint")
-        print(f"checkpoint: {output}  steps={summary['optimizer_steps']}  kl={summary.get('last_kl', 0):.4f}")
+        kl = f"{summary['last_kl']:.4f}" if "last_kl" in summary else "- (no reference logprobs)"
+        print(f"checkpoint: {output}  steps={summary['optimizer_steps']}  kl={kl}")
 
 
 if __name__ == "__main__":

@@ -132,7 +132,8 @@ class Optim(Section):
     gradient_accumulation_passes: int = knob(2, "Micro-batches accumulated per optimiser step.", low=1)
     max_tokens_per_micro_batch: int = knob(0, "Also cap each micro-batch at this many tokens, packed without "
                                            "padding (0 = no cap): bounds the trainer's activation memory.", low=0)
-    kl_coef: float = knob(0.01, "Weight of the k3 KL penalty to the reference model (0 = off).", low=0.0,
+    kl_coef: float = knob(0.01, "Weight of the k3 KL penalty to the reference model (0 = off: main then neither "
+                          "loads nor runs the reference model, and logs no KL).", low=0.0,
                           search=("categorical", (0.0, 0.001, 0.01, 0.04)))
     epsilon: float = knob(0.2, "Lower ratio clip: ratio >= 1 - epsilon.", low=0.0)
     epsilon_high: float = knob(0.2, "Upper ratio clip: ratio <= 1 + epsilon_high (DAPO's clip-higher: > epsilon).",

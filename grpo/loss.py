@@ -61,7 +61,7 @@ def token_weights(seq: torch.Tensor, seq_tokens: torch.Tensor, reduction: str, s
     raise ValueError(f"unknown reduction {reduction!r}")
 
 
-def grpo_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
+def grpo_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
               weights: torch.Tensor, epsilon: float = 0.2, epsilon_high: float = 0.2, kl_coef: float = 0.01,
               is_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Clipped-surrogate GRPO loss with a k3 KL penalty, for one micro-batch.
@@ -70,6 +70,7 @@ def grpo_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Te
     tokens of their sequence; weights from `token_weights`). old_logp is the ratio's old policy: the sampler's
     logprobs under the same softmax(logits / T), or the trainer's own before its first update. is_weight [N]
     (optional, no gradient): truncated importance weight min(p_old / p_sampler, C) multiplying the surrogate.
+    ref_logp None (no reference model: kl_coef must be 0): no KL term, and no kl_sum among the metrics.
     Returns (loss to minimise = -sum(weights * objective), metrics as sums over the tokens, so that the
     trainer can add them over micro-batches: kl_sum, clipped, ratio_sum, ratio_max as 0-d tensors, tokens)."""
     log_ratio = (new_logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -79,12 +80,14 @@ def grpo_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Te
     surrogate = torch.minimum(unclipped, clipped)
     if is_weight is not None:
         surrogate = surrogate * is_weight
-    kl = kl_k3(new_logp, ref_logp)
-    objective = surrogate - kl_coef * kl
+    if ref_logp is None and kl_coef:
+        raise ValueError(f"kl_coef={kl_coef} needs reference logprobs")
+    kl = None if ref_logp is None else kl_k3(new_logp, ref_logp)
+    objective = surrogate if kl is None else surrogate - kl_coef * kl
     loss = -(objective * weights).sum()
     with torch.no_grad():  # 0-d tensors: summing them over micro-batches needs no host sync
         metrics = {
-            "kl_sum": kl.sum(),
+            **({} if kl is None else {"kl_sum": kl.sum()}),
             "clipped": (clipped < unclipped).sum(),  # the clip decided the token's objective
             "ratio_sum": ratio.sum(),
             "ratio_max": ratio.max() if ratio.numel() else ratio.new_zeros(()),

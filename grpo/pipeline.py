@@ -176,8 +176,10 @@ def logged_annotate(ws, rows: list[dict], i: int, out: Path) -> dict:
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    with tqdm(total=len(rows), desc="annotate (reference logprobs)", unit="seq", leave=False, disable=None) as bar:
-        rows, metrics = stages.annotate(rows, ws.reference, ws.cfg.scoring, progress=bar.update)
+    reference = ws.reference if ws.cfg.optim.kl_coef else None  # no KL term: no reference model to load or run
+    with tqdm(total=len(rows), desc="annotate (reference logprobs)", unit="seq", leave=False,
+              disable=None if reference is not None else True) as bar:
+        rows, metrics = stages.annotate(rows, reference, ws.cfg.scoring, progress=bar.update)
     metrics["seconds"] = time.perf_counter() - started
     write_jsonl(rows, out)
     tracking.log_metrics(metrics, step=i)

@@ -137,7 +137,8 @@ def evaluate_splits(engine, builder, splits: dict[str, list], max_new_tokens: in
 def annotate(rows: list[dict], reference_model, scoring, progress=None):
     """Add group-normalised advantages, and per-token reference logprobs at the temperature rollout used, to
     rollout rows. With scoring.drop_flat_groups, groups whose rewards are all equal are marked and left
-    unscored: they carry no policy-gradient signal and are not trained on."""
+    unscored: they carry no policy-gradient signal and are not trained on (`train` false). reference_model None
+    (main with kl_coef 0: the loss has no KL term) scores nothing: the rows carry no reference logprobs."""
     import torch
 
     from grpo.loss import group_advantages
@@ -159,20 +160,22 @@ def annotate(rows: list[dict], reference_model, scoring, progress=None):
     flat = (rewards == rewards[:, :1]).all(dim=1)
     for members, adv, is_flat in zip(order, advantages.tolist(), flat.tolist()):
         for i, a in zip(members, adv):
-            rows[i].update(advantage=a, flat_group=is_flat, train_reward=trained[i])
-    scored = [r for r in rows if not (scoring.drop_flat_groups and r["flat_group"])]
-    score = getattr(reference_model, "score_completions", None)  # a trainer group's ranks score for it
-    score = score or (lambda *args, **kwargs: score_completions(reference_model, *args, **kwargs))
-    ref = score([r["prompt_ids"] for r in scored], [r["completion_ids"] for r in scored], temperature,
-                progress=progress)
+            rows[i].update(advantage=a, flat_group=is_flat, train_reward=trained[i],
+                           train=not (scoring.drop_flat_groups and is_flat))
+    chosen = [r for r in rows if r["train"]]
     for row in rows:
         row["ref_logprobs"] = None
-    for row, logps in zip(scored, ref):
-        row["ref_logprobs"] = logps
-    gaps = [abs(a - b) for r in scored for a, b in zip(r["logprobs"], r["ref_logprobs"])]
     metrics = {"groups": len(order), "groups_without_signal": int(flat.sum()),
-               "signal_fraction": 1 - flat.float().mean().item(), "advantage_abs_mean": advantages.abs().mean().item(),
-               "sequences_scored": len(scored), "sampler_ref_logprob_gap": sum(gaps) / max(len(gaps), 1)}
+               "signal_fraction": 1 - flat.float().mean().item(), "advantage_abs_mean": advantages.abs().mean().item()}
+    if reference_model is not None:
+        score = getattr(reference_model, "score_completions", None)  # a trainer group's ranks score for it
+        score = score or (lambda *args, **kwargs: score_completions(reference_model, *args, **kwargs))
+        ref = score([r["prompt_ids"] for r in chosen], [r["completion_ids"] for r in chosen], temperature,
+                    progress=progress)
+        for row, logps in zip(chosen, ref):
+            row["ref_logprobs"] = logps
+        gaps = [abs(a - b) for r in chosen for a, b in zip(r["logprobs"], r["ref_logprobs"])]
+        metrics |= {"sequences_scored": len(chosen), "sampler_ref_logprob_gap": sum(gaps) / max(len(gaps), 1)}
     if scoring.overlong_buffer:
         metrics["shaped_reward_mean"] = sum(trained) / len(trained)
     return rows, metrics

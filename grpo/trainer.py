@@ -73,11 +73,17 @@ def _pack_rows(rows: list[dict], device: str):
     return pack([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], device)
 
 
-def trainable(rows: list[dict]) -> list[dict]:
-    """The rows annotate chose to train on (it skips flat groups when drop_flat_groups): those it scored."""
-    kept = [r for r in rows if r.get("ref_logprobs") is not None]
-    if any(len(r["ref_logprobs"]) != len(r["completion_ids"]) for r in kept):
+def trainable(rows: list[dict], kl_coef: float = 0.0) -> list[dict]:
+    """The rows annotate chose to train on (it skips flat groups when drop_flat_groups): marked `train`, or in
+    files without the mark, those it scored. Rows annotated without a reference model (kl_coef 0 in main) carry
+    no reference logprobs, which only kl_coef 0 can train on."""
+    kept = [r for r in rows if r.get("train", r.get("ref_logprobs") is not None)]
+    scored = [r for r in kept if r.get("ref_logprobs") is not None]
+    if any(len(r["ref_logprobs"]) != len(r["completion_ids"]) for r in scored):
         raise DataError("annotated rows have reference logprobs of the wrong length; annotate the rollouts again")
+    if kl_coef and len(scored) < len(kept):
+        raise DataError(f"kl_coef={kl_coef:g} but the annotated rows carry no reference logprobs (annotated for "
+                        "kl_coef=0); pass kl_coef=0, or annotate the rollouts again with the annotate entry point")
     return kept
 
 
@@ -129,9 +135,10 @@ class Trainer:
         self._snapshot_taken.wait()  # a checkpoint copying the weights out must finish copying before they change
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        kept = trainable(rows)
+        kept = trainable(rows, self.optim.kl_coef)
         context = {"temperature": rows[0]["temperature"] if rows else 1.0,
-                   "max_tokens": rows[0]["max_new_tokens"] if rows else 1, "gap": _Gap(self.optim)}
+                   "max_tokens": rows[0]["max_new_tokens"] if rows else 1, "gap": _Gap(self.optim),
+                   "reference": all(r.get("ref_logprobs") is not None for r in kept)}  # else no KL, nor its metric
         steps = plan_steps(kept, self.optim, seed, iteration)
         mine = [self._my_batches(kept, batches) for batches in steps]
         if self.optim.old_logprobs == "trainer":
@@ -145,7 +152,8 @@ class Trainer:
             trained = sum(_tokens(r) for r in step_rows)
             tokens_done += trained
             n = max(sums["tokens"], 1)
-            summary = {"loss": sums["loss"], "kl": sums["kl_sum"] / n, "clip_fraction": sums["clipped"] / n,
+            summary = {"loss": sums["loss"], **({"kl": sums["kl_sum"] / n} if context["reference"] else {}),
+                       "clip_fraction": sums["clipped"] / n,
                        "ratio_mean": sums["ratio_sum"] / n, "ratio_max": sums["ratio_max"], "grad_norm": grad_norm,
                        "learning_rate": lr, "sequences": len(step_rows),
                        "tokens_per_s": trained / (time.perf_counter() - step_started), **_gpu_figures(self.device)}
@@ -198,7 +206,8 @@ class Trainer:
             is_weight = None if old is None else truncated_is_weight(old_logp, sampler, optim.tis_cap)
             if gap.pending:
                 gap.add(new.detach(), sampler)
-            loss, m = grpo_loss(new, old_logp, flat("ref_logprobs"), adv, weights, optim.epsilon,
+            ref = flat("ref_logprobs") if context["reference"] else None
+            loss, m = grpo_loss(new, old_logp, ref, adv, weights, optim.epsilon,
                                 optim.epsilon_high, optim.kl_coef, is_weight)
             loss.backward()
             self._grads_to_master()

@@ -111,3 +111,15 @@ def test_chunked_logprobs_match_the_full_softmax_with_gradients(monkeypatch, tem
     (full.double() * grad).sum().backward()
     assert (chunked.double() - full.double()).abs().max() < 1e-6
     assert (got[0] - hidden.grad).abs().max() < 1e-6 and (got[1] - weight.grad).abs().max() < 1e-6
+
+
+def test_no_reference_drops_the_kl_term_and_its_metric():
+    new = torch.tensor([math.log(0.5), math.log(1.5)], requires_grad=True)
+    args = (torch.zeros(2), None, torch.tensor([1.0, -1.0]), torch.full((2,), 0.5))
+    loss, m = grpo_loss(new, *args, kl_coef=0.0)
+    # ratios 0.5 and 1.5 clip to 0.8 (A = +1: min(0.5, 0.8) = 0.5) and 1.2 (A = -1: min(-1.5, -1.2) = -1.5)
+    assert loss.item() == pytest.approx(-0.5 * (0.5 - 1.5)) and "kl_sum" not in m and m["clipped"] == 0
+    with_ref, _ = grpo_loss(new, torch.zeros(2), torch.zeros(2), *args[2:], kl_coef=0.0)
+    assert loss.item() == with_ref.item()
+    with pytest.raises(ValueError, match="kl_coef=0.01 needs reference logprobs"):
+        grpo_loss(new, *args, kl_coef=0.01)

@@ -222,7 +222,7 @@ def test_ctrl_c_under_mlflow_run_ends_killed_and_says_how_to_resume(store, tiny_
 
 @pytest.mark.slow
 def test_resume_takes_the_runs_parameters_and_refuses_other_ones(store, tiny_model_dir):
-    started = [*TINY, "--model", tiny_model_dir, "--max_iterations", "2", "--temperature", "1.0"]
+    started = [*TINY, "--model", tiny_model_dir, "--max_iterations", "2", "--temperature", "1.0", "--kl_coef", "0"]
     process = _start(started, {"GRPO_FAILPOINT": "kill-at:annotate-1"})
     process.communicate(timeout=300)
     run_id = _run_id_of(process)
@@ -247,7 +247,11 @@ def test_resume_takes_the_runs_parameters_and_refuses_other_ones(store, tiny_mod
         "rollouts/iter-0002.jsonl"))]
     assert {r["temperature"] for r in rows} == {1.0} and max(len(r["completion_ids"]) for r in rows) <= 8
     assert client.get_run(run_id).data.tags["grpo.resumed.max_iterations"] == "2 -> 3"
-    _assert_one_clean_run(store, run_id, 3)
+    client, children = _assert_one_clean_run(store, run_id, 3)
+    # kl_coef 0 (kept on resume): no reference model ran, so no KL and no sampler-reference gap anywhere
+    logged = [set(r.data.metrics) for r in children] + [set(client.get_run(run_id).data.metrics)]
+    assert not any({"kl", "last_kl", "step_kl", "sampler_ref_logprob_gap"} & names for names in logged)
+    assert any("clip_fraction" in names for names in logged)
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import torch
 
 from grpo.artifacts import CHECKPOINT_INFO, checkpoint_info
 from grpo.config import Config, Optim
-from grpo.errors import NumericsError
+from grpo.errors import DataError, NumericsError
 from grpo.model import load_model
 from grpo.scoring import score_completions
 from grpo.trainer import Trainer, learning_rate
@@ -117,6 +117,27 @@ def test_rows_annotate_did_not_score_are_not_trained(tiny_model_dir, tokenizer):
     rows[3]["ref_logprobs"] = None  # a flat group's row
     _, summary = _train(trainer, rows)
     assert (summary["sequences_trained"], summary["sequences_skipped"]) == (3, 1)
+
+
+def test_rows_annotated_without_a_reference_train_as_kl_off_and_are_refused_with_kl_on(tiny_model_dir, tokenizer):
+    """kl_coef 0 in main skips the reference model: rows marked `train` with no reference logprobs must train to
+    the same weights as scored rows at kl_coef 0 (the KL term is then 0 either way), with no KL logged."""
+    weights, summaries = [], []
+    for scored in (True, False):
+        trainer = Trainer(tiny_model_dir, Optim(learning_rate=1e-2, warmup_steps=0, kl_coef=0.0), "cpu")
+        rows = _rows(tokenizer, load_model(tiny_model_dir, "cpu", dtype=torch.float32), 4)
+        for row in rows:
+            row["ref_logprobs"] = [lp - 1.0 for lp in row["ref_logprobs"]] if scored else None
+            row["train"] = True
+        rows[3]["train"] = False  # a flat group's row: not trained either way
+        steps, summary = _train(trainer, rows)
+        weights.append(trainer.model.state_dict())
+        summaries.append((summary["sequences_trained"], "kl" in steps[0]["metrics"], "last_kl" in summary))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert summaries == [(3, True, True), (3, False, False)]
+    trainer = Trainer(tiny_model_dir, Optim(kl_coef=0.01), "cpu")
+    with pytest.raises(DataError, match="pass kl_coef=0, or annotate the rollouts again"):
+        _train(trainer, rows)
 
 
 def test_background_checkpoint_is_complete_and_resumes_step_and_optimizer(tiny_model_dir, tokenizer, tmp_path):

@@ -90,3 +90,12 @@ def test_variants_are_in_the_search_space_and_drawn_as_their_types(tmp_path):
     assert {d.optim.loss_reduction for d in drawn} <= {"seq_mean", "token_mean", "seq_sum"}
     assert {d.optim.kl_coef for d in drawn} <= {0.0, 0.001, 0.01, 0.04} and 0.0 in {d.optim.kl_coef for d in drawn}
     assert all(0.2 <= d.optim.epsilon_high <= 0.3 and 1 <= d.sampling.max_draws <= 4 for d in drawn)
+
+
+def test_annotate_without_a_reference_marks_the_rows_to_train_and_scores_none():
+    rows = [_row("\\boxed{4}", 20, False, 1.0), _row("x", 30, False, 0.0),
+            _row("y", 100, True, -1.0, group=1), _row("z", 100, True, -1.0, group=1)]
+    annotated, metrics = annotate(rows, None, Scoring(drop_flat_groups=True))
+    assert [(r["train"], r["ref_logprobs"]) for r in annotated] == [(True, None), (True, None), (False, None),
+                                                                    (False, None)]
+    assert metrics["groups_without_signal"] == 1 and "sampler_ref_logprob_gap" not in metrics
