@@ -26,13 +26,17 @@ except ImportError:  # an install without it works the same, slower
     orjson = None
 
 
-def dumps(value) -> str:
+def dumps(value, exact_nonfinite: bool = True) -> str:
     """JSON text of one row or message: orjson where installed, else (or for what it refuses, such as lone
-    surrogates) the standard library. Both write the same values; non-finite floats, which rows never hold, are
-    null in orjson's text and NaN/Infinity in the standard library's."""
+    surrogates or numpy scalars) the standard library. Both write the same values, except non-finite floats: null
+    in orjson's text, NaN/Infinity in the standard library's. So text with a null in it is written again by the
+    standard library unless exact_nonfinite is off (rows: their floats are logprobs and rewards, always finite,
+    and their nulls are rows left unscored)."""
     if orjson is not None:
         try:
-            return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+            text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+            if not exact_nonfinite or b"null" not in text:
+                return text.decode()
         except TypeError:  # orjson.JSONEncodeError
             pass
     return json.dumps(value)
@@ -55,7 +59,7 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
     with tmp.open("w", encoding="utf-8") as handle:  # orjson writes text as UTF-8, not \u escapes
         for row in rows:
-            handle.write(dumps(row) + "\n")
+            handle.write(dumps(row, exact_nonfinite=False) + "\n")
     os.replace(tmp, path)
     return path
 

@@ -55,3 +55,9 @@ def test_a_damaged_rows_file_is_one_clear_error(tmp_path):
     (tmp_path / "cut.jsonl").write_text('{"group": 0, "prompt_ids": [1, 2\n')
     with pytest.raises(DataError, match="not a JSONL file of rows"):
         artifacts.read_jsonl(tmp_path / "cut.jsonl")
+
+
+def test_messages_keep_non_finite_floats_exactly():
+    message = {"op": "steps", "metrics": {"loss": float("nan"), "ratio_max": float("inf")}, "error": None}
+    back = artifacts.loads(artifacts.dumps(message))
+    assert math.isnan(back["metrics"]["loss"]) and back["metrics"]["ratio_max"] == math.inf and back["error"] is None
