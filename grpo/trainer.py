@@ -1,25 +1,21 @@
 """The GRPO optimisation. `Trainer` keeps the policy (float32 master weights) and its AdamW state in memory across
 iterations, trains on annotated rows, hands its weights out in memory, and saves or loads its full state.
-Checkpoints are written in the background from a snapshot, so training goes on while they are written."""
+Checkpoints are written in the background from a snapshot (`grpo.checkpointing`), so training goes on."""
 from __future__ import annotations
 
 import copy
 import json
 import math
-import os
 import random
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from grpo.artifacts import CHECKPOINT_INFO, atomic_folder, checkpoint_info, prune_checkpoints, state_once, to_host
+from grpo.artifacts import checkpoint_info, state_once
+from grpo.checkpointing import OPTIMIZER_STATE, CheckpointWriter
 from grpo.errors import DataError, NumericsError
-
-OPTIMIZER_STATE = "optimizer.pt"
 
 
 def learning_rate(optim, step: int, total_steps: int) -> float:
@@ -121,18 +117,14 @@ class Trainer:
             random.setstate(saved["rng"]["python"])
         info = checkpoint_info(checkpoint) if checkpoint else {}
         self.step, self.iteration = info.get("global_step", 0), info.get("iteration", -1)
-        self._writer: threading.Thread | None = None
-        self._pinned: dict[tuple, torch.Tensor] = {}  # host buffers of GPU checkpoints, reused by every save
-        self._snapshot_taken = threading.Event()
-        self._snapshot_taken.set()
-        self.write_error: BaseException | None = None
+        self.checkpoints = CheckpointWriter(self.model, self.optimizer, self.tokenizer, device)
 
     # --- training ---
 
     def train(self, rows: list[dict], iteration: int, seed: int, total_steps: int) -> Iterator[dict]:
         """One finetune stage. Yields {"step": n, "metrics": {...}} after each optimiser step and returns the
         stage's summary. Temperature and max_new_tokens are read from the rows (what rollout used)."""
-        self._snapshot_taken.wait()  # a checkpoint copying the weights out must finish copying before they change
+        self.checkpoints.snapshot_taken.wait()  # a checkpoint copying the weights out must finish before they change
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         kept = trainable(rows, self.optim.kl_coef)
@@ -285,7 +277,7 @@ class Trainer:
 
         dtype = dtype or (torch.bfloat16 if self.device == "cuda" else torch.float32)
         packed = pack([probe.prompt], [probe.completion], self.device)
-        self._snapshot_taken.wait()  # a checkpoint's copy must not see the rounded weights
+        self.checkpoints.snapshot_taken.wait()  # a checkpoint's copy must not see the rounded weights
         kept = {p: p.data for p in self.model.parameters()}  # tied weights are one parameter
         try:
             for p in kept:
@@ -324,67 +316,13 @@ class Trainer:
     # --- full state to disk ---
 
     def save(self, path: Path, background: bool = True) -> None:
-        """Write weights, AdamW state, step and RNG to `path` (temp folder + rename) and then delete older
-        checkpoints. In the background: a thread copies the state out (training waits for that copy, not for the
-        write) and writes it. One write at a time: a new save waits for the last."""
-        self.wait_saved()
+        """Weights, AdamW state, step and RNG to `path`, then older checkpoints deleted (`CheckpointWriter`)."""
         info = {"iteration": self.iteration, "global_step": self.step, "model": self.model_name,
                 "saved_at": time.time()}
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        job = lambda: self._write(Path(path), *self._snapshot(), info, self.model.config.to_json_string(), rng)  # noqa
-        if not background:
-            return job()
-        self._snapshot_taken.clear()
-        self._writer = threading.Thread(target=self._guarded, args=(job,), name="checkpoint-writer", daemon=True)
-        self._writer.start()
-
-    @torch.no_grad()
-    def _snapshot(self):
-        """Host copies of the weights (tied ones once: HF re-ties them on load) and of the optimiser state. On a
-        GPU they go on a side stream into pinned buffers kept for the next save, so that work queued meanwhile on
-        the device (a trainer group's ranks generate while rank 0 saves) does not wait behind the copy."""
-        try:
-            state = ({name: t for name, t in state_once(self.model)}, self.optimizer.state_dict())
-            if self.device != "cuda":
-                return to_host(state)
-            stream = torch.cuda.Stream(device=self.model.device)
-            stream.wait_stream(torch.cuda.default_stream(self.model.device))
-            with torch.cuda.stream(stream):
-                host = to_host(state, self._pinned, ())
-            stream.synchronize()
-            return host
-        finally:
-            self._snapshot_taken.set()
-
-    def _guarded(self, job) -> None:
-        try:
-            job()
-        except BaseException as e:  # surfaced by wait_saved in the training thread
-            self.write_error = e
-        finally:
-            self._snapshot_taken.set()
-
-    def _write(self, path: Path, weights, optimizer, info, config, rng) -> None:
-        from safetensors.torch import save_file
-
-        with atomic_folder(path) as tmp:
-            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            if os.environ.get("GRPO_FAILPOINT") == "checkpoint-write":  # tests: kill -9 the run mid-write
-                os.killpg(os.getpgid(0), signal.SIGKILL)
-            (tmp / "config.json").write_text(config)
-            self.model.generation_config.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            torch.save({"optimizer": optimizer, "rng": rng}, tmp / OPTIMIZER_STATE)
-            (tmp / CHECKPOINT_INFO).write_text(json.dumps(info, indent=1))  # last: marks the folder complete
-        prune_checkpoints(path.parent.parent, keep=path)
+        self.checkpoints.save(Path(path), info, background)
 
     def wait_saved(self) -> None:
-        if self._writer is not None:
-            self._writer.join()
-            self._writer = None
-        if self.write_error is not None:
-            error, self.write_error = self.write_error, None
-            raise error
+        self.checkpoints.wait()
 
 
 def _gpu_figures(device: str) -> dict[str, float]:

@@ -1,0 +1,91 @@
+"""The trainer's full state to disk without blocking training: a snapshot copied off the device (training waits
+only for that copy), written by a thread into a temp folder that is renamed into place, then older checkpoints
+deleted. One write at a time; a write's error surfaces at the next save or wait."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+from pathlib import Path
+
+import torch
+
+from grpo.artifacts import CHECKPOINT_INFO, atomic_folder, prune_checkpoints, state_once, to_host
+
+OPTIMIZER_STATE = "optimizer.pt"  # AdamW state and RNG, beside the Hugging Face files of the weights
+
+
+class CheckpointWriter:
+    """Writes the state of `model` (float32 master weights) and `optimizer`; `snapshot_taken` is clear while a
+    snapshot is being copied, so that the trainer changes no weight under it."""
+
+    def __init__(self, model, optimizer, tokenizer, device: str):
+        self.model, self.optimizer, self.tokenizer, self.device = model, optimizer, tokenizer, device
+        self._writer: threading.Thread | None = None
+        self._pinned: dict[tuple, torch.Tensor] = {}  # host buffers of GPU checkpoints, reused by every save
+        self.snapshot_taken = threading.Event()
+        self.snapshot_taken.set()
+        self.write_error: BaseException | None = None
+
+    def save(self, path: Path, info: dict, background: bool = True) -> None:
+        """Weights, optimiser state, RNG and `info` (iteration, step: written last, it marks the folder complete)
+        to `path`. In the background: a thread copies the state out and writes it."""
+        self.wait()
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        job = lambda: self._write(path, *self._snapshot(), info, self.model.config.to_json_string(), rng)  # noqa
+        if not background:
+            return job()
+        self.snapshot_taken.clear()
+        self._writer = threading.Thread(target=self._guarded, args=(job,), name="checkpoint-writer", daemon=True)
+        self._writer.start()
+
+    def wait(self) -> None:
+        """Until the last write is complete; its error, if it failed."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self.write_error is not None:
+            error, self.write_error = self.write_error, None
+            raise error
+
+    @torch.no_grad()
+    def _snapshot(self):
+        """Host copies of the weights (tied ones once: HF re-ties them on load) and of the optimiser state. On a
+        GPU they go on a side stream into pinned buffers kept for the next save, so that work queued meanwhile on
+        the device (a trainer group's ranks generate while rank 0 saves) does not wait behind the copy."""
+        try:
+            state = ({name: t for name, t in state_once(self.model)}, self.optimizer.state_dict())
+            if self.device != "cuda":
+                return to_host(state)
+            stream = torch.cuda.Stream(device=self.model.device)
+            stream.wait_stream(torch.cuda.default_stream(self.model.device))
+            with torch.cuda.stream(stream):
+                host = to_host(state, self._pinned, ())
+            stream.synchronize()
+            return host
+        finally:
+            self.snapshot_taken.set()
+
+    def _guarded(self, job) -> None:
+        try:
+            job()
+        except BaseException as e:  # surfaced by wait() in the training thread
+            self.write_error = e
+        finally:
+            self.snapshot_taken.set()
+
+    def _write(self, path: Path, weights, optimizer, info, config, rng) -> None:
+        from safetensors.torch import save_file
+
+        with atomic_folder(path) as tmp:
+            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            if os.environ.get("GRPO_FAILPOINT") == "checkpoint-write":  # tests: kill -9 the run mid-write
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+            (tmp / "config.json").write_text(config)
+            self.model.generation_config.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            torch.save({"optimizer": optimizer, "rng": rng}, tmp / OPTIMIZER_STATE)
+            (tmp / CHECKPOINT_INFO).write_text(json.dumps(info, indent=1))  # last: marks the folder complete
+        prune_checkpoints(path.parent.parent, keep=path)
