@@ -155,3 +155,39 @@ def test_static_cache_path_matches_the_dynamic_loop_with_one_buffer(smollm2_dir,
     assert static.static.allocations == 1  # sized for 2 x 2 rows of the widest chunk before any prefill
     static.generate(prompts[:2], 2, 1.0, 6, seed=5)
     assert static.static.allocations == 1 and static.static.buffer is buffer
+
+    # rows that stop at different steps (a token greedy decoding emits early, made a stop token): the static path
+    # decodes past a row's stop and cuts it after; the dynamic loop drops the row
+    dynamic.stop_ids = static.stop_ids = [expected[0][0].token_ids[1]]
+    want, cut = dynamic.generate(prompts, 2, 0.0, 10), static.generate(prompts, 2, 0.0, 10)
+    assert [(c.token_ids, c.truncated) for g in cut for c in g] == [(c.token_ids, c.truncated) for g in want for c in g]
+    assert {c.truncated for g in want for c in g} == {True, False}
+
+    # new weights copied into the parameters (a hand-over) reach the fused projections the static step reads
+    dynamic.stop_ids = static.stop_ids = []
+    generator = torch.Generator().manual_seed(0)
+    static.update_weights([(name, p + 0.02 * torch.randn(p.shape, generator=generator))
+                           for name, p in model.named_parameters() if "_proj" in name], 1)
+    moved = dynamic.generate(prompts, 2, 0.0, 6)
+    assert [c.token_ids for g in moved for c in g] != [c.token_ids for g in expected for c in g]
+    assert [c.token_ids for g in static.generate(prompts, 2, 0.0, 6) for c in g] == \
+        [c.token_ids for g in moved for c in g]
+
+
+def test_sampling_draws_what_torch_multinomial_draws_and_nan_logits_stop_the_call(tiny_model_dir, tokenizer):
+    """`draw` is multinomial's own one-sample method without its per-step checks: the same tokens for the same
+    generator; a model gone NaN is caught once per call instead, as a NumericsError."""
+    from grpo.engines.base import draw
+    from grpo.errors import NumericsError
+
+    logits = torch.randn(64, 500) * 3
+    for temperature in (0.7, 1.0):
+        token, logp = draw(logits, temperature, torch.Generator().manual_seed(4))
+        probs = torch.softmax(logits / temperature, -1)
+        assert torch.equal(token, torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(4))[:, 0])
+        assert torch.allclose(logp, probs.gather(-1, token[:, None])[:, 0].log(), atol=1e-5)
+    engine = TorchEngine(load_model(tiny_model_dir, "cpu", dtype=torch.float32), tokenizer, 4, progress=False)
+    with torch.no_grad():
+        engine.model.lm_head.weight[7] = float("nan")
+    with pytest.raises(NumericsError, match="NaN"):
+        engine.generate(_prompts(tokenizer, 2), 2, 1.0, 4)

@@ -69,16 +69,26 @@ def stop_ids(model_config_eos, tokenizer) -> list[int]:
 
 
 def draw(logits, temperature: float, generator):
-    """Next token and its logprob under softmax(logits / T); T = 0 is greedy. logits [rows, V] float32."""
-    logp = torch.log_softmax(logits if temperature == 0 else logits / temperature, -1)
+    """Next token and its logprob under softmax(logits / T); T = 0 is greedy. logits [rows, V] float32.
+
+    Sampling is torch.multinomial's own method for one draw, argmax(p / q) with q ~ Exp(1), the same tokens for
+    the same generator, without its validity checks (four reductions a step): rows are checked once a call in
+    `completions`, where a non-finite logprob means the model's outputs were."""
+    logp = torch.log_softmax(logits if temperature in (0, 1) else logits / temperature, -1)
     if temperature == 0:
         token = logp.argmax(-1)
     else:
-        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        race = torch.empty_like(logp).exponential_(1, generator=generator)
+        token = torch.div(logp.exp(), race, out=race).argmax(-1)
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
 def completions(tokens, logps, lengths, done) -> list[Completion]:
+    from grpo.errors import NumericsError
+
+    if bool(logps.isnan().any()):  # NaN logits: `draw` took an arbitrary token; nothing of this call is kept
+        raise NumericsError("the served model's logits are NaN; resume from the last checkpoint with a lower "
+                            "learning_rate or grad_clip")
     tokens, logps, lengths, done = tokens.tolist(), logps.tolist(), lengths.tolist(), done.tolist()
     return [Completion(tokens[r][:int(lengths[r])], logps[r][:int(lengths[r])], not done[r])
             for r in range(len(tokens))]

@@ -1,7 +1,11 @@
 """Fast GPU decoding for Llama-family models without vLLM: one preallocated KV buffer shared by every call,
-and one CUDA graph per decode step shape and attention span. The model's own modules (norms, projections, rotary
-embedding, MLP, head) do the maths; only attention over the static cache is ours. Anything else uses the
-dynamic-cache loop. On a CPU the same path runs without graphs (tests hold it to the dynamic loop's tokens)."""
+and one CUDA graph per decode step shape and attention span. The model's weights, rotary embedding and
+activation do the maths in a decode step of our own with fewer, larger kernels (gaps between kernels were a
+quarter of a 1B rollout's time, elementwise kernels another tenth: docs/h200_decode): the query, key and value
+projections as one matmul, gate and up as one, RMSNorms as torch's fused kernel, rotary on queries and keys at
+once, and an additive mask kept up to date instead of a boolean one converted in every layer. Anything else
+uses the dynamic-cache loop. On a CPU the same path runs without graphs (tests hold it to the dynamic loop's
+tokens)."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -16,8 +20,20 @@ def supported(model) -> bool:
     decoder = getattr(model, "model", None)
     layers = getattr(decoder, "layers", None)
     return (model.device.type == "cuda" and layers is not None and hasattr(decoder, "rotary_emb")
-            and all(hasattr(layer, "self_attn") and hasattr(layer.self_attn, "q_proj") for layer in layers)
-            and getattr(model.config, "model_type", "") in ("llama", "mistral", "qwen2"))
+            and getattr(model.config, "model_type", "") in ("llama", "mistral", "qwen2")
+            and all(_fusable(layer) for layer in layers))
+
+
+def _fusable(layer) -> bool:
+    """Projections `fuse_projections` can join: q/k/v, and gate/up, each with biases on all or none."""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    names = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+    try:
+        groups = [[getattr(owner, n) for n in group] for owner, group in zip((attn, mlp), names)]
+    except AttributeError:
+        return False
+    return (hasattr(mlp, "down_proj") and hasattr(mlp, "act_fn") and hasattr(attn, "o_proj")
+            and all(len({m.bias is None for m in group}) == 1 for group in groups))
 
 
 class StaticDecoder:
@@ -36,6 +52,7 @@ class StaticDecoder:
         self.layers = len(model.model.layers)
         self.buffer: torch.Tensor | None = None  # [2 * layers, elements]
         self.graphs: OrderedDict = OrderedDict()
+        self.fused = fuse_projections(model)
 
     def release(self) -> None:
         self.graphs.clear()
@@ -77,18 +94,20 @@ class StaticDecoder:
         del cache
         tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=logits.device)
         logps = torch.zeros((rows, max_new_tokens), device=logits.device)
-        lengths = torch.full((rows,), max_new_tokens, device=logits.device)
-        done = torch.zeros(rows, dtype=torch.bool, device=logits.device)
+        steps = max_new_tokens
         for step in range(max_new_tokens):
             token, logp = draw(logits, temperature, generator)
             tokens[:, step] = token
             logps[:, step] = logp
-            finished = torch.isin(token, stop) & ~done
-            lengths = torch.where(finished, step + 1, lengths)
-            done |= finished
-            if step + 1 == max_new_tokens or (step % 8 == 7 and bool(done.all())):  # sync rarely
+            # which rows have stopped is worked out every 8 steps (one sync), not per step: fewer kernels
+            if step % 8 == 7 and bool(torch.isin(tokens[:, :step + 1], stop).any(1).all()):
+                steps = step + 1
                 break
-            logits = shape.step(token, width + step)
+            if step + 1 < max_new_tokens:
+                logits = shape.step(token, width + step)
+        hit = torch.isin(tokens[:, :steps], stop)
+        done = hit.any(1)  # the first stop token ends a row and is part of its completion
+        lengths = torch.where(done, hit.int().argmax(1) + 1, max_new_tokens)
         return completions(tokens, logps, lengths, done)
 
 
@@ -98,7 +117,8 @@ class _Shape:
     def __init__(self, owner: StaticDecoder, keys, values, rows: int, length: int):
         device = owner.model.device
         self.owner, self.keys, self.values, self.rows = owner, keys, values, rows
-        self.valid = torch.zeros((rows, length), device=device, dtype=torch.bool)  # which slots attend
+        # 0 where a slot attends, -inf where not (left padding, slots not written yet): SDPA's additive mask
+        self.bias = torch.zeros((rows, length), device=device, dtype=owner.model.dtype)
         self.token = torch.zeros((rows,), device=device, dtype=torch.long)
         self.position = torch.zeros((rows,), device=device, dtype=torch.long)
         self.slot = torch.zeros((1,), device=device, dtype=torch.long)
@@ -114,37 +134,36 @@ class _Shape:
             for buffer, source in ((self.keys[layer], k), (self.values[layer], v)):
                 rows, heads, length, dim = buffer.shape
                 buffer.view(rows // n, n, heads, length, dim)[:, :, :, :width].copy_(source[:, None])
-        self.valid.zero_()
-        self.valid[:, :width] = mask.bool()
+        self.bias.fill_(float("-inf"))
+        self.bias[:, :width].masked_fill_(mask.bool(), 0.0)
         self.position.copy_(next_position)
         self.slot.fill_(width)
 
     @torch.inference_mode()
     def _step(self, span: int) -> torch.Tensor:
         """One token per row at `slot`, attending over slots [0, span) (span > slot: later slots are empty)."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        o = self.owner
+        o, rows = self.owner, self.rows
         decoder = o.model.model
-        self.valid.index_fill_(1, self.slot, True)
-        hidden = decoder.embed_tokens(self.token[:, None])
-        cos, sin = decoder.rotary_emb(hidden, self.position[:, None])
-        mask = self.valid[:, None, None, :span]
-        for layer, block in enumerate(decoder.layers):
-            attn = block.self_attn
-            x = block.input_layernorm(hidden)
-            q = attn.q_proj(x).view(self.rows, 1, o.heads, o.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(self.rows, 1, o.kv_heads, o.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(self.rows, 1, o.kv_heads, o.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            self.keys[layer].index_copy_(2, self.slot, k)
-            self.values[layer].index_copy_(2, self.slot, v)
+        heads, kv, dim = o.heads, o.kv_heads, o.head_dim
+        self.bias.index_fill_(1, self.slot, 0.0)
+        hidden = decoder.embed_tokens(self.token)  # [rows, D]
+        cos, sin = decoder.rotary_emb(hidden, self.position[:, None])  # [rows, 1, dim]
+        mask = self.bias[:, None, None, :span]
+        linear = torch.nn.functional.linear
+        for layer, (block, (qkv_w, qkv_b, gate_up_w, gate_up_b)) in enumerate(zip(decoder.layers, o.fused)):
+            attn, mlp = block.self_attn, block.mlp
+            qkv = linear(_norm(block.input_layernorm, hidden), qkv_w, qkv_b)
+            qk = qkv[:, :(heads + kv) * dim].view(rows, heads + kv, dim)
+            qk = qk * cos + _rotate_half(qk) * sin  # queries and keys rotated together
+            self.keys[layer].index_copy_(2, self.slot, qk[:, heads:, None])
+            self.values[layer].index_copy_(2, self.slot, qkv[:, (heads + kv) * dim:].view(rows, kv, 1, dim))
             out = torch.nn.functional.scaled_dot_product_attention(
-                q, self.keys[layer][:, :, :span], self.values[layer][:, :, :span], attn_mask=mask,
-                enable_gqa=o.heads != o.kv_heads)
-            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(self.rows, 1, -1))
-            hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
-        self.logits.copy_(o.model.lm_head(decoder.norm(hidden))[:, 0])
+                qk[:, :heads, None], self.keys[layer][:, :, :span], self.values[layer][:, :, :span], attn_mask=mask,
+                enable_gqa=heads != kv)
+            hidden = hidden + attn.o_proj(out.reshape(rows, heads * dim))
+            gate, up = linear(_norm(block.post_attention_layernorm, hidden), gate_up_w, gate_up_b).chunk(2, -1)
+            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+        self.logits.copy_(o.model.lm_head(_norm(decoder.norm, hidden)))
         self.position.add_(1)
         self.slot.add_(1)
         return self.logits
@@ -160,13 +179,13 @@ class _Shape:
         if span not in self.graphs:  # capture once per (shape, span)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            state = (self.position.clone(), self.slot.clone(), self.valid.clone())
+            state = (self.position.clone(), self.slot.clone(), self.bias.clone())
             with torch.cuda.stream(stream):
                 self._step(span)  # warm-up outside the graph (lazy inits)
             torch.cuda.current_stream().wait_stream(stream)
             self.position.copy_(state[0])
             self.slot.copy_(state[1])
-            self.valid.copy_(state[2])
+            self.bias.copy_(state[2])
             if self.owner.pool is None:
                 self.owner.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
@@ -175,6 +194,44 @@ class _Shape:
             self.graphs[span] = graph
         self.graphs[span].replay()
         return self.logits
+
+
+def fuse_projections(model) -> list[tuple]:
+    """Per layer, the query/key/value projections as one [q + k + v, D] weight (and bias, as Qwen2 has) and
+    gate/up as one [2 I, D]: (qkv weight, qkv bias, gate_up weight, gate_up bias). Each projection's parameters
+    become views of their rows, so that new weights copied into them (hand-over, reload) land in the fused ones:
+    one matmul each in a decode step, and no second copy of the weights."""
+    fused = []
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        parts: list = []
+        for linears in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+            for name in ("weight", "bias"):
+                tensors = [getattr(m, name) for m in linears]
+                if all(t is None for t in tensors):
+                    parts.append(None)
+                    continue
+                whole, start = torch.cat([t.detach() for t in tensors]), 0
+                for t in tensors:
+                    t.data = whole[start:start + t.shape[0]]
+                    start += t.shape[0]
+                parts.append(whole)
+        fused.append(tuple(parts))
+    return fused
+
+
+def _norm(module, hidden: torch.Tensor) -> torch.Tensor:
+    """A Llama-style RMSNorm as torch's one fused kernel (the module's float32 casts are several); others as is."""
+    from grpo.scoring import FUSABLE_NORMS
+
+    if type(module).__name__ in FUSABLE_NORMS:
+        return torch.nn.functional.rms_norm(hidden, module.weight.shape, module.weight, module.variance_epsilon)
+    return module(hidden)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _cache_layers(cache):
