@@ -142,6 +142,8 @@ class _Shape:
     @torch.inference_mode()
     def _step(self, span: int) -> torch.Tensor:
         """One token per row at `slot`, attending over slots [0, span) (span > slot: later slots are empty)."""
+        from transformers.models.llama.modeling_llama import rotate_half
+
         o, rows = self.owner, self.rows
         decoder = o.model.model
         heads, kv, dim = o.heads, o.kv_heads, o.head_dim
@@ -154,7 +156,7 @@ class _Shape:
             attn, mlp = block.self_attn, block.mlp
             qkv = linear(_norm(block.input_layernorm, hidden), qkv_w, qkv_b)
             qk = qkv[:, :(heads + kv) * dim].view(rows, heads + kv, dim)
-            qk = qk * cos + _rotate_half(qk) * sin  # queries and keys rotated together
+            qk = qk * cos + rotate_half(qk) * sin  # queries and keys rotated together
             self.keys[layer].index_copy_(2, self.slot, qk[:, heads:, None])
             self.values[layer].index_copy_(2, self.slot, qkv[:, (heads + kv) * dim:].view(rows, kv, 1, dim))
             out = torch.nn.functional.scaled_dot_product_attention(
@@ -222,16 +224,9 @@ def fuse_projections(model) -> list[tuple]:
 
 def _norm(module, hidden: torch.Tensor) -> torch.Tensor:
     """A Llama-style RMSNorm as torch's one fused kernel (the module's float32 casts are several); others as is."""
-    from grpo.scoring import FUSABLE_NORMS
+    from grpo.scoring import FUSABLE_NORMS, _fused_rms_norm
 
-    if type(module).__name__ in FUSABLE_NORMS:
-        return torch.nn.functional.rms_norm(hidden, module.weight.shape, module.weight, module.variance_epsilon)
-    return module(hidden)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return _fused_rms_norm(module, hidden) if type(module).__name__ in FUSABLE_NORMS else module(hidden)
 
 
 def _cache_layers(cache):
