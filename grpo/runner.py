@@ -45,8 +45,9 @@ class StageRunner:
         RUNNING child is an orphan, including one created just before a kill, before the state recorded it."""
         orphans = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent}' and "
                                                                 "attributes.status = 'RUNNING'")
-        for run in orphans:
-            self.client.set_terminated(run.info.run_id, "KILLED")
+        finished = {run_id for key, run_id in self.state.data["runs"].items() if self.state.done(key) is not None}
+        for run in orphans:  # killed after the state recorded its stage done, before MLflow ended it: it finished
+            self.client.set_terminated(run.info.run_id, "FINISHED" if run.info.run_id in finished else "KILLED")
 
     def run(self, stage: Stage) -> dict:
         """Run the stage unless it finished before; return its metrics (with stage_seconds)."""
@@ -63,8 +64,11 @@ class StageRunner:
                     tracking.log_params(stage.params)
                 with tracking.killed_on_interrupt():
                     metrics = stage.body(run.info.run_id)
-            metrics["stage_seconds"] = time.perf_counter() - started
-            self.state.mark(stage.key, metrics)
+                metrics["stage_seconds"] = time.perf_counter() - started
+                # recorded before MLflow ends the run: a kill between the two leaves a RUNNING run the state knows
+                # finished (the next process ends it FINISHED), never a FINISHED run a resume would run again
+                self.state.mark(stage.key, metrics)
+                _failpoint(f"{stage.key}/recorded")
         carried = {f"time_{stage.name}": metrics["stage_seconds"]}
         carried |= {target: metrics[source] for target, source in stage.parent_metrics.items() if source in metrics}
         self.log_once(carried, stage.step)
@@ -85,6 +89,7 @@ class StageRunner:
 
 def _failpoint(key: str) -> None:
     """Tests: GRPO_FAILPOINT=kill-at:<stage key> SIGKILLs the whole process group as that stage starts, the way
-    a machine failure or OOM killer would end the run."""
+    a machine failure or OOM killer would end the run; kill-at:<stage key>/recorded, once the resume state has
+    it done and before MLflow ends its run."""
     if os.environ.get("GRPO_FAILPOINT") == f"kill-at:{key}":
         os.killpg(os.getpgid(0), signal.SIGKILL)

@@ -103,6 +103,40 @@ def _run_id_of(process) -> str:
     return path.parent.name
 
 
+_ONE_STAGE = """
+import mlflow
+from pathlib import Path
+from grpo.artifacts import RunState
+from grpo.runner import Stage, StageRunner
+with mlflow.start_run() as parent:
+    print(parent.info.run_id, flush=True)
+    runner = StageRunner(parent.info.run_id, parent.info.experiment_id, RunState(Path.cwd()))
+    runner.run(Stage("rollout-0", 0, lambda run_id: {"reward": 0.5}))
+"""
+
+
+def test_killed_once_a_stage_is_recorded_done_the_stage_ends_finished_and_is_not_run_again(store, tmp_path):
+    """SIGKILL between the resume state recording a stage done and MLflow ending the stage's run (the real
+    StageRunner on the real store): the next process ends that run FINISHED and does not run the stage again,
+    so a resumed run never shows a stage finished twice."""
+    done = subprocess.run([sys.executable, "-c", _ONE_STAGE], capture_output=True, text=True, timeout=300,
+                          start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                                       "GRPO_FAILPOINT": "kill-at:rollout-0/recorded"})
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    parent = done.stdout.split()[0]
+    (stage,) = _children(runs_of(store)[1], parent)
+    assert stage.info.status == "RUNNING"  # the kill came before MLflow ended it
+
+    from grpo.artifacts import RunState
+    from grpo.runner import Stage, StageRunner
+
+    ran = []
+    runner = StageRunner(parent, stage.info.experiment_id, RunState(tmp_path))
+    metrics = runner.run(Stage("rollout-0", 0, lambda run_id: ran.append(run_id) or {"reward": 0.0}))
+    assert not ran and metrics["reward"] == 0.5
+    assert [r.info.status for r in _children(runs_of(store)[1], parent)] == ["FINISHED"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("max_lag", [0, 1])
 def test_killed_at_every_stage_of_every_iteration_and_resumed_each_time(store, primed_model_dir, digits_dataset,
