@@ -74,7 +74,8 @@ def sampler_parity(rows: list[str]) -> None:
     rescored = score_completions(trainer, [p for p, _ in flat], [c.token_ids for _, c in flat], 1.0)
     gaps = torch.tensor([abs(a - b) for (_, c), r in zip(flat, rescored) for a, b in zip(c.logprobs, r)])
     rows.append(f"| static sampler (bf16) vs trainer (fp32 + autocast) | mean {gaps.mean():.3f}, max {gaps.max():.3f}"
-                f" | KV buffers allocated: {engine.static.allocations} for 3 shapes |")
+                f" | KV buffers allocated: {engine.static.allocations} for 3 shapes; torch.compile: "
+                f"{'on' if engine.static.ops.compiled else 'off'} |")
 
 
 def cuda_ipc(rows: list[str]) -> None:

@@ -2,18 +2,20 @@
 and one CUDA graph per decode step shape and attention span. The model's weights, rotary embedding and
 activation do the maths in a decode step of our own with fewer, larger kernels (gaps between kernels were a
 quarter of a 1B rollout's time, elementwise kernels another tenth: docs/h200_decode): the query, key and value
-projections as one matmul, gate and up as one, RMSNorms as torch's fused kernel, rotary on queries and keys at
-once, and an additive mask kept up to date instead of a boolean one converted in every layer. Anything else
-uses the dynamic-cache loop. On a CPU the same path runs without graphs (tests hold it to the dynamic loop's
+projections as one matmul, gate and up as one, an additive mask kept up to date instead of a boolean one
+converted in every layer, and the elementwise work between matmuls (rotary on queries and keys, residual add +
+RMSNorm, the gated activation) as one torch.compile'd kernel each (docs/h200_compile). Anything else uses the
+dynamic-cache loop. On a CPU the same path runs eagerly, without graphs (tests hold it to the dynamic loop's
 tokens)."""
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 
 import torch
 
 MAX_GRAPHS = 6  # shapes (rows, width, steps) kept captured at once; older ones are dropped
-SPAN = 128  # a decode step attends over the buffer up to the next multiple of SPAN past its slot, not all of it
+SPAN = 64  # a decode step attends over the buffer up to the next multiple of SPAN past its slot, not all of it
 
 
 def supported(model) -> bool:
@@ -53,6 +55,8 @@ class StaticDecoder:
         self.buffer: torch.Tensor | None = None  # [2 * layers, elements]
         self.graphs: OrderedDict = OrderedDict()
         self.fused = fuse_projections(model)
+        # GRPO_COMPILE_DECODE=0: eager elementwise kernels (torch.compile's are ~13% more tokens/s, docs/h200_compile)
+        self.ops = _StepOps(model, compiled=self.graphs_on and os.environ.get("GRPO_COMPILE_DECODE", "1") != "0")
 
     def release(self) -> None:
         self.graphs.clear()
@@ -142,33 +146,51 @@ class _Shape:
     @torch.inference_mode()
     def _step(self, span: int) -> torch.Tensor:
         """One token per row at `slot`, attending over slots [0, span) (span > slot: later slots are empty)."""
-        from transformers.models.llama.modeling_llama import rotate_half
-
         o, rows = self.owner, self.rows
         decoder = o.model.model
         heads, kv, dim = o.heads, o.kv_heads, o.head_dim
+        ops = o.ops
         self.bias.index_fill_(1, self.slot, 0.0)
         hidden = decoder.embed_tokens(self.token)  # [rows, D]
         cos, sin = decoder.rotary_emb(hidden, self.position[:, None])  # [rows, 1, dim]
         mask = self.bias[:, None, None, :span]
         linear = torch.nn.functional.linear
-        for layer, (block, (qkv_w, qkv_b, gate_up_w, gate_up_b)) in enumerate(zip(decoder.layers, o.fused)):
+        layers = decoder.layers
+        normed = _norm(layers[0].input_layernorm, hidden)
+        for layer, (block, (qkv_w, qkv_b, gate_up_w, gate_up_b)) in enumerate(zip(layers, o.fused)):
             attn, mlp = block.self_attn, block.mlp
-            qkv = linear(_norm(block.input_layernorm, hidden), qkv_w, qkv_b)
-            qk = qkv[:, :(heads + kv) * dim].view(rows, heads + kv, dim)
-            qk = qk * cos + rotate_half(qk) * sin  # queries and keys rotated together
-            self.keys[layer].index_copy_(2, self.slot, qk[:, heads:, None])
-            self.values[layer].index_copy_(2, self.slot, qkv[:, (heads + kv) * dim:].view(rows, kv, 1, dim))
+            q, k, v = ops.rotate(linear(normed, qkv_w, qkv_b), cos, sin, heads, kv, dim)
+            self.keys[layer].index_copy_(2, self.slot, k)
+            self.values[layer].index_copy_(2, self.slot, v)
             out = torch.nn.functional.scaled_dot_product_attention(
-                qk[:, :heads, None], self.keys[layer][:, :, :span], self.values[layer][:, :, :span], attn_mask=mask,
+                q[:, :, None], self.keys[layer][:, :, :span], self.values[layer][:, :, :span], attn_mask=mask,
                 enable_gqa=heads != kv)
-            hidden = hidden + attn.o_proj(out.reshape(rows, heads * dim))
-            gate, up = linear(_norm(block.post_attention_layernorm, hidden), gate_up_w, gate_up_b).chunk(2, -1)
-            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
-        self.logits.copy_(o.model.lm_head(_norm(decoder.norm, hidden)))
+            hidden, normed = ops.add_norm(hidden, attn.o_proj(out.reshape(rows, heads * dim)),
+                                          block.post_attention_layernorm)
+            up = ops.gated(linear(normed, gate_up_w, gate_up_b), mlp)
+            after = layers[layer + 1].input_layernorm if layer + 1 < len(layers) else decoder.norm
+            hidden, normed = ops.add_norm(hidden, mlp.down_proj(up), after)
+        self.logits.copy_(o.model.lm_head(normed))
         self.position.add_(1)
         self.slot.add_(1)
         return self.logits
+
+    def _warm_up(self, span: int) -> None:
+        """One step outside the graph (lazy inits, and torch.compile's compilation); where compiling fails (no
+        Triton or C compiler), the decoder goes on with eager kernels, said once."""
+        owner = self.owner
+        try:
+            self._step(span)
+        except Exception as error:
+            if not owner.ops.compiled:
+                raise
+            import warnings
+
+            warnings.warn(f"the sampler's decode step runs without torch.compile ({type(error).__name__}: "
+                          f"{str(error)[:200]}); set GRPO_COMPILE_DECODE=0 to skip the attempt", RuntimeWarning,
+                          stacklevel=2)
+            owner.ops = _StepOps(owner.model, compiled=False)
+            self._step(span)
 
     def step(self, token: torch.Tensor, slot: int) -> torch.Tensor:
         """Feed one token per row, written at `slot` (the host's count of the device-side slot); return the
@@ -183,7 +205,7 @@ class _Shape:
             stream.wait_stream(torch.cuda.current_stream())
             state = (self.position.clone(), self.slot.clone(), self.bias.clone())
             with torch.cuda.stream(stream):
-                self._step(span)  # warm-up outside the graph (lazy inits)
+                self._warm_up(span)
             torch.cuda.current_stream().wait_stream(stream)
             self.position.copy_(state[0])
             self.slot.copy_(state[1])
@@ -220,6 +242,53 @@ def fuse_projections(model) -> list[tuple]:
                 parts.append(whole)
         fused.append(tuple(parts))
     return fused
+
+
+def _rotate(qkv, cos, sin, heads: int, kv: int, dim: int):
+    """Queries [rows, heads, dim] and keys [rows, kv, 1, dim] rotated together, values [rows, kv, 1, dim]."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    rows = qkv.shape[0]
+    qk = qkv[:, :(heads + kv) * dim].view(rows, heads + kv, dim)
+    qk = qk * cos + rotate_half(qk) * sin
+    return qk[:, :heads], qk[:, heads:, None], qkv[:, (heads + kv) * dim:].view(rows, kv, 1, dim)
+
+
+def _add_rms_norm(hidden, delta, weight, eps: float):
+    hidden = hidden + delta
+    return hidden, torch.nn.functional.rms_norm(hidden, weight.shape, weight, eps)
+
+
+def _silu_gated(gate_up):
+    gate, up = gate_up.chunk(2, -1)
+    return torch.nn.functional.silu(gate) * up
+
+
+class _StepOps:
+    """The elementwise work between a decode step's matmuls: rotary, residual add + RMSNorm, the gated
+    activation. Compiled on a GPU (each one fused kernel in place of several), eager elsewhere (same maths)."""
+
+    def __init__(self, model, compiled: bool):
+        from grpo.scoring import FUSABLE_NORMS
+
+        self.silu = getattr(model.config, "hidden_act", "") == "silu"
+        self.fusable = FUSABLE_NORMS
+        self.compiled = compiled
+        wrap = (lambda f: torch.compile(f, fullgraph=True)) if compiled else (lambda f: f)
+        self.rotate, self._add_rms_norm, self._silu_gated = map(wrap, (_rotate, _add_rms_norm, _silu_gated))
+
+    def add_norm(self, hidden, delta, module):
+        """(hidden + delta, its norm under `module`)."""
+        if type(module).__name__ in self.fusable:
+            return self._add_rms_norm(hidden, delta, module.weight, module.variance_epsilon)
+        hidden = hidden + delta
+        return hidden, module(hidden)
+
+    def gated(self, gate_up, mlp):
+        if self.silu:
+            return self._silu_gated(gate_up)
+        gate, up = gate_up.chunk(2, -1)
+        return mlp.act_fn(gate) * up
 
 
 def _norm(module, hidden: torch.Tensor) -> torch.Tensor:
