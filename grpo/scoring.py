@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import types
 from dataclasses import dataclass
 
@@ -177,13 +178,34 @@ def score_completions(model, prompts, completions, temperature: float, max_token
 
 
 def load_reference(model: str, device: str):
-    """The starting policy in the trainer's compute dtype, scored under its autocast: KL is exactly 0 at step 0."""
+    """The starting policy in the trainer's compute dtype, its layers run as the trainer's run them (fused norms,
+    compiled on CUDA), so that KL starts at 0 (docs/h200_compile measures how close)."""
     from grpo.model import load_model
 
     reference = load_model(model, device, dtype=compute_dtype(device))
     if use_varlen_attention(reference):  # CUDA: as the trainer's compute copy
         fuse_norms(reference)
+        compile_layers(reference)
     return reference
+
+
+def compiling() -> bool:
+    """torch.compile on CUDA unless GRPO_COMPILE=0 (a machine without Triton or a C compiler falls back anyway)."""
+    return os.environ.get("GRPO_COMPILE", "1") != "0"
+
+
+def compile_layers(model) -> int:
+    """torch.compile each decoder layer (one compiled graph serves them all; shapes dynamic, as packed micro-batches
+    vary in length): fused elementwise kernels around the matmuls, forward and backward. 1B shape on an H200, the
+    trainer alone: 48.2% -> 55.4% MFU (docs/h200_compile). A layer that fails to compile runs eagerly (dynamo's
+    suppress_errors, with its warning). Returns how many layers are compiled."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not compiling() or layers is None:
+        return 0
+    torch._dynamo.config.suppress_errors = True
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def fuse_norms(model) -> int:

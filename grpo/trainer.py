@@ -93,7 +93,7 @@ class Trainer:
 
     def __init__(self, model: str, optim, device: str, checkpoint: str = ""):
         from grpo.model import load_model, load_tokenizer
-        from grpo.scoring import compute_dtype, fuse_norms, use_varlen_attention
+        from grpo.scoring import compile_layers, compute_dtype, fuse_norms, use_varlen_attention
 
         self.model_name, self.optim, self.device = model, optim, device
         self.tokenizer = load_tokenizer(model)
@@ -106,6 +106,7 @@ class Trainer:
             self.compute = copy.deepcopy(self.model).to(compute_dtype(device))
             if cuda:  # as the reference model (load_reference); the probe keeps the engine's own norms
                 fuse_norms(self.compute)
+                compile_layers(self.compute)
         self._pairs = list(zip(self.model.parameters(), self.compute.parameters()))  # (master, compute), tied once
         kwargs = {"fused": True} if device == "cuda" else {}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.learning_rate,

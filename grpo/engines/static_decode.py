@@ -9,7 +9,6 @@ dynamic-cache loop. On a CPU the same path runs eagerly, without graphs (tests h
 tokens)."""
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 
 import torch
@@ -55,8 +54,10 @@ class StaticDecoder:
         self.buffer: torch.Tensor | None = None  # [2 * layers, elements]
         self.graphs: OrderedDict = OrderedDict()
         self.fused = fuse_projections(model)
-        # GRPO_COMPILE_DECODE=0: eager elementwise kernels (torch.compile's are ~13% more tokens/s, docs/h200_compile)
-        self.ops = _StepOps(model, compiled=self.graphs_on and os.environ.get("GRPO_COMPILE_DECODE", "1") != "0")
+        from grpo.scoring import compiling
+
+        # GRPO_COMPILE=0: eager elementwise kernels (torch.compile's are ~13% more tokens/s, docs/h200_compile)
+        self.ops = _StepOps(model, compiled=self.graphs_on and compiling())
 
     def release(self) -> None:
         self.graphs.clear()
@@ -187,7 +188,7 @@ class _Shape:
             import warnings
 
             warnings.warn(f"the sampler's decode step runs without torch.compile ({type(error).__name__}: "
-                          f"{str(error)[:200]}); set GRPO_COMPILE_DECODE=0 to skip the attempt", RuntimeWarning,
+                          f"{str(error)[:200]}); set GRPO_COMPILE=0 to skip the attempt", RuntimeWarning,
                           stacklevel=2)
             owner.ops = _StepOps(owner.model, compiled=False)
             self._step(span)
