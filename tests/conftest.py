@@ -164,3 +164,9 @@ def runs_of(uri: str):
 
     client = mlflow.MlflowClient(uri)
     return client, client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+
+
+def pytest_collection_modifyitems(items):
+    """The end-to-end runs (marked slow, a minute or more each) first: with two workers, the short tests then fill
+    in behind them and both workers finish together, instead of one long test running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
