@@ -167,6 +167,7 @@ def runs_of(uri: str):
 
 
 def pytest_collection_modifyitems(items):
-    """The end-to-end runs (marked slow, a minute or more each) first: with two workers, the short tests then fill
-    in behind them and both workers finish together, instead of one long test running alone at the end."""
+    """The end-to-end runs (marked slow, a minute or more each) first: with two workers stealing each other's
+    queued tests (`--dist worksteal`), the short ones fill in behind them rather than one long test running alone
+    at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
