@@ -299,18 +299,22 @@ def test_a_hung_trainer_is_stopped_in_one_line_and_the_run_resumes(store, tiny_m
     line = last_line(done)
     assert line.startswith("grpo main: error: finetune of iteration 0: no word from the trainer process for 5 s")
     run_id = line.rsplit("MLFLOW_RUN_ID=", 1)[1].split()[0]
-    assert not any(b"grpo.trainer_process" in p.read_bytes() for p in Path("/proc").glob("[0-9]*/cmdline")
-                   if _readable(p))
+    assert not _trainers_of(store)  # the hung trainer was stopped, not left behind
     run_entry("main", *args, env={"MLFLOW_RUN_ID": run_id})
     _assert_one_clean_run(store, run_id, 1, failed=["finetune-0"])
 
 
-def _readable(path: Path) -> bool:
-    try:
-        path.read_bytes()
-        return True
-    except OSError:
-        return False
+def _trainers_of(store: str) -> list[int]:
+    """Trainer processes of this test's runs (they inherit its tracking URI); other tests' run beside it."""
+    mine, found = f"MLFLOW_TRACKING_URI={store}".encode(), []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if (mine in environ.read_bytes().split(b"\0")
+                    and b"grpo.trainer_process" in (environ.parent / "cmdline").read_bytes()):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
 
 
 def test_mlflow_run_evaluate_and_rollout(store, tmp_path, tiny_model_dir):
