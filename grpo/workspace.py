@@ -40,7 +40,29 @@ def place(policy, engine_cfg, trainer_gpu: int = -1) -> Placement:
             raise ConfigError(f"trainer_gpu={trainer_gpu} but {torch.cuda.device_count()} GPU(s) are visible; pass "
                               f"an index below {torch.cuda.device_count()}, or -1 to share GPU 0")
         return Placement("cuda", "cuda", f"cuda:{trainer_gpu}", share, 0.0)
-    return Placement("cuda", "cuda", "cuda", share, max(0.05, 1 - share - MEMORY_MARGIN))
+    engine_share, trainer_share = shared_card(share, _card_gib())
+    return Placement("cuda", "cuda", "cuda", engine_share, trainer_share)
+
+
+def shared_card(share: float, card_gib: tuple[float, float] | None = None) -> tuple[float, float]:
+    """(engine, trainer) fractions of one GPU: the main process gets `share`, the trainer the rest less a margin.
+    card_gib (as used, whole card) sizes both for a smaller card than the one present, e.g. (80, 141) runs a
+    command as an 80 GB H100 would hold it on a 141 GB H200."""
+    scale = min(1.0, card_gib[0] / card_gib[1]) if card_gib else 1.0
+    return share * scale, max(0.05, 1 - share - MEMORY_MARGIN) * scale
+
+
+def _card_gib() -> tuple[float, float] | None:
+    """GRPO_GPU_MEMORY_GIB: treat GPU 0 as a card of that many GiB (memory caps only; benchmarks use it to check
+    that a command sized for an 80 GB card fits one)."""
+    import os
+
+    wanted = os.environ.get("GRPO_GPU_MEMORY_GIB")
+    if not wanted:
+        return None
+    import torch
+
+    return float(wanted), torch.cuda.get_device_properties(0).total_memory / 2**30
 
 
 def check_placement(cfg) -> Placement:

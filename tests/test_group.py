@@ -148,6 +148,18 @@ def test_trainer_gpu_placement_on_a_machine_without_that_gpu_is_one_line():
     assert place(cfg.policy, cfg.engine) == Placement("cpu", "cpu", "cpu")
 
 
+def test_one_gpu_is_shared_by_fractions_that_a_smaller_card_scales_down():
+    """Main gets gpu_memory_utilization of the card, the trainer the rest less a 5% margin (at least 5%); sized
+    for a smaller card (GRPO_GPU_MEMORY_GIB), both shrink by the cards' ratio, and a larger one changes nothing."""
+    from grpo.workspace import shared_card
+
+    assert shared_card(0.35) == pytest.approx((0.35, 0.60))
+    assert shared_card(0.35, (80.0, 160.0)) == pytest.approx((0.175, 0.30))
+    assert shared_card(0.35, (200.0, 80.0)) == pytest.approx((0.35, 0.60))
+    assert shared_card(0.97) == pytest.approx((0.97, 0.05))
+    assert sum(shared_card(0.5, (79.6, 139.8))) * 139.8 <= 79.6 * 0.95 + 1e-9  # both together fit the small card
+
+
 def test_a_finetune_sent_to_the_trainer_process_runs_while_main_does_something_else(tiny_model_dir, tokenizer,
                                                                                      tmp_path):
     """max_lag rests on this: `train` sends the request at once and the trainer process works through it on its

@@ -207,17 +207,9 @@ def test_killed_main_run_leaves_nothing_running_or_half_written(store, tiny_mode
 
 def _trainer_pids(main_pid: int, count: int) -> list[int]:
     """The trainer processes a main process started (a trainer, or torchrun's agent and its ranks, which sit in
-    sessions of their own), found through /proc by the parent pid main hands down in their environment."""
+    sessions of their own), found by the parent pid main hands down in their environment."""
     def find():
-        found = []
-        for environ in Path("/proc").glob("[0-9]*/environ"):
-            try:
-                mine = f"GRPO_PARENT_PID={main_pid}".encode() in environ.read_bytes().split(b"\0")
-                cmdline = (environ.parent / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if mine and b"grpo.trainer_process" in cmdline:
-                found.append(int(environ.parent.name))
+        found = _trainers_with(f"GRPO_PARENT_PID={main_pid}")
         return found if len(found) == count else None
     return wait_until(find, f"{count} trainer processes", 120)
 
@@ -299,17 +291,18 @@ def test_a_hung_trainer_is_stopped_in_one_line_and_the_run_resumes(store, tiny_m
     line = last_line(done)
     assert line.startswith("grpo main: error: finetune of iteration 0: no word from the trainer process for 5 s")
     run_id = line.rsplit("MLFLOW_RUN_ID=", 1)[1].split()[0]
-    assert not _trainers_of(store)  # the hung trainer was stopped, not left behind
+    assert not _trainers_with(f"MLFLOW_TRACKING_URI={store}")  # the hung trainer was stopped, not left behind
     run_entry("main", *args, env={"MLFLOW_RUN_ID": run_id})
     _assert_one_clean_run(store, run_id, 1, failed=["finetune-0"])
 
 
-def _trainers_of(store: str) -> list[int]:
-    """Trainer processes of this test's runs (they inherit its tracking URI); other tests' run beside it."""
-    mine, found = f"MLFLOW_TRACKING_URI={store}".encode(), []
+def _trainers_with(entry: str) -> list[int]:
+    """Live trainer processes whose environment holds `entry` (KEY=value), through /proc: other tests' trainers
+    run beside this one's."""
+    found = []
     for environ in Path("/proc").glob("[0-9]*/environ"):
         try:
-            if (mine in environ.read_bytes().split(b"\0")
+            if (entry.encode() in environ.read_bytes().split(b"\0")
                     and b"grpo.trainer_process" in (environ.parent / "cmdline").read_bytes()):
                 found.append(int(environ.parent.name))
         except OSError:
