@@ -10,8 +10,10 @@
 #   bench ARGS [.whl .carry0 .baseline .carry1]: installs, then the 1B-shaped iteration benchmark, the old checkout
 #              then this one (benchmarks/iteration.py)
 #   scale RANKS... [.whl .carry0]: installs, a small trainer-group smoke run (SMOKE=0: none), then the 1B-shaped
-#              iteration benchmark (ITERATIONS, default 3) with each number of ranks (1 = one trainer process
-#              beside main's engine on GPU 0)
+#              iteration benchmark (ITERATIONS, default 3; PROBLEMS x 8 rows, default 64: 750 is the reference
+#              recipe's batch, where each rank's share is large enough to scale; MICRO tokens per micro-batch,
+#              default 8192, as the README table) with each number of ranks (1 = one trainer process beside
+#              main's engine on GPU 0)
 #   sweeps ARGS [.whl .carry0]: installs, then trials per hour of the sweep with 1 and N workers
 #              (benchmarks/sweep_scale.py ARGS)
 #   prep [.whl .carry0 (.whl_trl: trl, datasets, dill, multiprocess for the `trl` setting)], then [.carry1], then
@@ -87,7 +89,8 @@ scale)
   fi
   for ranks in "$@"; do
     python3 benchmarks/iteration.py --out /tmp/bench --tokenizer /tmp/tok --name "ranks-$ranks" \
-      --iterations "${ITERATIONS:-3}" --extra "--max_tokens_per_micro_batch 8192 --checkpoint_every 2 --ranks $ranks"
+      --iterations "${ITERATIONS:-3}" --problems "${PROBLEMS:-64}" \
+      --extra "--max_tokens_per_micro_batch ${MICRO:-8192} --checkpoint_every 2 --ranks $ranks"
     cp /tmp/bench/*.json "$OUT/"
   done ;;
 sweeps)
