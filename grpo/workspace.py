@@ -62,7 +62,16 @@ def _card_gib() -> tuple[float, float] | None:
         return None
     import torch
 
-    return float(wanted), torch.cuda.get_device_properties(0).total_memory / 2**30
+    from grpo.errors import ConfigError
+
+    try:
+        gib = float(wanted)
+    except ValueError:
+        gib = 0.0
+    if not gib > 0:
+        raise ConfigError(f"GRPO_GPU_MEMORY_GIB={wanted!r}: give the card size to plan for in GiB (e.g. 79.6 for an "
+                          "80 GB H100), or unset it")
+    return gib, torch.cuda.get_device_properties(0).total_memory / 2**30
 
 
 def check_placement(cfg) -> Placement:

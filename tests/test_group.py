@@ -148,10 +148,17 @@ def test_trainer_gpu_placement_on_a_machine_without_that_gpu_is_one_line():
     assert place(cfg.policy, cfg.engine) == Placement("cpu", "cpu", "cpu")
 
 
-def test_one_gpu_is_shared_by_fractions_that_a_smaller_card_scales_down():
+def test_one_gpu_is_shared_by_fractions_that_a_smaller_card_scales_down(monkeypatch):
     """Main gets gpu_memory_utilization of the card, the trainer the rest less a 5% margin (at least 5%); sized
-    for a smaller card (GRPO_GPU_MEMORY_GIB), both shrink by the cards' ratio, and a larger one changes nothing."""
-    from grpo.workspace import shared_card
+    for a smaller card (GRPO_GPU_MEMORY_GIB), both shrink by the cards' ratio, and a larger one changes nothing;
+    a size that is not a positive number is refused in one line."""
+    from grpo.errors import ConfigError
+    from grpo.workspace import _card_gib, shared_card
+
+    for bad in ("80GB", "0", "-4"):
+        monkeypatch.setenv("GRPO_GPU_MEMORY_GIB", bad)
+        with pytest.raises(ConfigError, match="give the card size to plan for in GiB"):
+            _card_gib()
 
     assert shared_card(0.35) == pytest.approx((0.35, 0.60))
     assert shared_card(0.35, (80.0, 160.0)) == pytest.approx((0.175, 0.30))
