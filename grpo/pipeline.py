@@ -8,6 +8,7 @@ it from their annotated rows, so no stage runs twice and no metric step is logge
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -244,6 +245,8 @@ def run_main(cfg, folder: Path | None = None, changes: dict | None = None, on_lo
             mlflow.set_tag(f"grpo.resumed.{name}", f"{was} -> {now}")
         mlflow.set_tag("grpo.work_dir", str(folder))
         mlflow.set_tag("grpo.cpu_threads", _torch_threads())  # sweep workers share the cores
+        if os.environ.get("GRPO_GPU_MEMORY_GIB"):  # memory caps planned for a smaller card than this one
+            mlflow.set_tag("grpo.gpu_memory_gib", os.environ["GRPO_GPU_MEMORY_GIB"])
         remove_partials(folder)
         chain = Chain(cfg, folder, None)
         if not state.data["done"]:

@@ -78,8 +78,9 @@ def test_two_mains_and_two_sweep_workers_share_one_sqlite_store(store, tiny_mode
              "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]
     main = [sys.executable, str(ROOT / "entrypoints" / "main.py"), *common, "--max_iterations", "2"]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the sweep sizes its workers' threads
-    processes = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
-                 for command in (sweep, main, main)]
+    sized = {**env, "GRPO_GPU_MEMORY_GIB": "79.6"}  # one main's caps planned for a smaller card: tagged
+    processes = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=e)
+                 for command, e in ((sweep, env), (main, env), (main, sized))]
     for process in processes:
         _, err = process.communicate(timeout=1200)
         assert process.returncode == 0, err[-2000:]
@@ -98,6 +99,7 @@ def test_two_mains_and_two_sweep_workers_share_one_sqlite_store(store, tiny_mode
     client = mlflow.MlflowClient()
     mains = [r for r in runs if r.data.tags.get("grpo.stage") == "main"]
     assert len(mains) == 2 and all(r.info.status == "FINISHED" for r in mains)
+    assert sorted(r.data.tags.get("grpo.gpu_memory_gib", "") for r in mains) == ["", "79.6"]
     for run in mains + trials:
         iterations = 2 if run in mains else 1
         history = lambda key: [m.step for m in client.get_metric_history(run.info.run_id, key)]  # noqa: E731
