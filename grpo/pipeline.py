@@ -8,7 +8,6 @@ it from their annotated rows, so no stage runs twice and no metric step is logge
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -234,6 +233,8 @@ def run_main(cfg, folder: Path | None = None, changes: dict | None = None, on_lo
     metrics) sees the main-run metrics as they are logged (the sweep reports its objective from it)."""
     import mlflow
 
+    from grpo.workspace import planned_card_gib
+
     run = mlflow.active_run()
     folder = folder or Path(cfg.loop.work_dir).resolve() / run.info.run_id
     folder.mkdir(parents=True, exist_ok=True)
@@ -245,8 +246,9 @@ def run_main(cfg, folder: Path | None = None, changes: dict | None = None, on_lo
             mlflow.set_tag(f"grpo.resumed.{name}", f"{was} -> {now}")
         mlflow.set_tag("grpo.work_dir", str(folder))
         mlflow.set_tag("grpo.cpu_threads", _torch_threads())  # sweep workers share the cores
-        if os.environ.get("GRPO_GPU_MEMORY_GIB"):  # memory caps planned for a smaller card than this one
-            mlflow.set_tag("grpo.gpu_memory_gib", os.environ["GRPO_GPU_MEMORY_GIB"])
+        card_gib = planned_card_gib()
+        if card_gib:  # memory caps planned for a smaller card than this one
+            mlflow.set_tag("grpo.gpu_memory_gib", f"{card_gib:g}")
         remove_partials(folder)
         chain = Chain(cfg, folder, None)
         if not state.data["done"]:

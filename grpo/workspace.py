@@ -40,7 +40,12 @@ def place(policy, engine_cfg, trainer_gpu: int = -1) -> Placement:
             raise ConfigError(f"trainer_gpu={trainer_gpu} but {torch.cuda.device_count()} GPU(s) are visible; pass "
                               f"an index below {torch.cuda.device_count()}, or -1 to share GPU 0")
         return Placement("cuda", "cuda", f"cuda:{trainer_gpu}", share, 0.0)
-    engine_share, trainer_share = shared_card(share, _card_gib())
+    planned, card = planned_card_gib(), None
+    if planned:
+        import torch
+
+        card = planned, torch.cuda.get_device_properties(0).total_memory / 2**30
+    engine_share, trainer_share = shared_card(share, card)
     return Placement("cuda", "cuda", "cuda", engine_share, trainer_share)
 
 
@@ -52,18 +57,16 @@ def shared_card(share: float, card_gib: tuple[float, float] | None = None) -> tu
     return share * scale, max(0.05, 1 - share - MEMORY_MARGIN) * scale
 
 
-def _card_gib() -> tuple[float, float] | None:
-    """GRPO_GPU_MEMORY_GIB: treat GPU 0 as a card of that many GiB (memory caps only; benchmarks use it to check
-    that a command sized for an 80 GB card fits one)."""
+def planned_card_gib() -> float | None:
+    """GRPO_GPU_MEMORY_GIB: the card size in GiB that one GPU's memory caps are planned for, in place of GPU 0's
+    (memory caps only; benchmarks use it to check that a command sized for an 80 GB card fits one); None unset."""
     import os
+
+    from grpo.errors import ConfigError
 
     wanted = os.environ.get("GRPO_GPU_MEMORY_GIB")
     if not wanted:
         return None
-    import torch
-
-    from grpo.errors import ConfigError
-
     try:
         gib = float(wanted)
     except ValueError:
@@ -71,7 +74,7 @@ def _card_gib() -> tuple[float, float] | None:
     if not gib > 0:
         raise ConfigError(f"GRPO_GPU_MEMORY_GIB={wanted!r}: give the card size to plan for in GiB (e.g. 79.6 for an "
                           "80 GB H100), or unset it")
-    return gib, torch.cuda.get_device_properties(0).total_memory / 2**30
+    return gib
 
 
 def check_placement(cfg) -> Placement:
@@ -79,6 +82,7 @@ def check_placement(cfg) -> Placement:
     trainer_gpu the machine lacks, or more trainer ranks than visible GPUs (then no FAILED run is left behind)."""
     from grpo.group import check_ranks, is_group, local_ranks
 
+    planned_card_gib()  # a bad GRPO_GPU_MEMORY_GIB is refused on the CPU too, where no cap uses it
     placement = place(cfg.policy, cfg.engine, cfg.group.trainer_gpu)
     if is_group(cfg.group):
         import torch

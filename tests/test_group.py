@@ -152,13 +152,18 @@ def test_one_gpu_is_shared_by_fractions_that_a_smaller_card_scales_down(monkeypa
     """Main gets gpu_memory_utilization of the card, the trainer the rest less a 5% margin (at least 5%); sized
     for a smaller card (GRPO_GPU_MEMORY_GIB), both shrink by the cards' ratio, and a larger one changes nothing;
     a size that is not a positive number is refused in one line."""
+    from grpo.config import Config
     from grpo.errors import ConfigError
-    from grpo.workspace import _card_gib, shared_card
+    from grpo.workspace import check_placement, planned_card_gib, shared_card
 
     for bad in ("80GB", "0", "-4"):
         monkeypatch.setenv("GRPO_GPU_MEMORY_GIB", bad)
         with pytest.raises(ConfigError, match="give the card size to plan for in GiB"):
-            _card_gib()
+            planned_card_gib()
+        with pytest.raises(ConfigError, match="give the card size to plan for in GiB"):
+            check_placement(Config().replace(device="cpu"))  # before a run starts, though the CPU has no cap
+    monkeypatch.setenv("GRPO_GPU_MEMORY_GIB", "79.6")
+    assert planned_card_gib() == 79.6
 
     assert shared_card(0.35) == pytest.approx((0.35, 0.60))
     assert shared_card(0.35, (80.0, 160.0)) == pytest.approx((0.175, 0.30))
