@@ -5,7 +5,11 @@ work aims at what costs. Synthetic rows stand in for a rollout (random ids; leng
     python benchmarks/trainer_profile.py --out DIR [--tokenizer TOK] [--shapes 16:8192 32:16384] [--rows 512]
 
 A shape is ROWS:TOKENS, the micro-batch caps (train_batch_size : max_tokens_per_micro_batch); every shape trains
-32 sequences per optimiser step, as the iteration benchmark does. MFU = 6 x parameters x tokens/s / bf16 peak."""
+32 sequences per optimiser step, as the iteration benchmark does. MFU = 6 x parameters x tokens/s / bf16 peak.
+
+The sharded trainer (FSDP2, the group's shard=true), under torchrun, also times a checkpoint's gather:
+
+    torchrun --standalone --nproc-per-node N benchmarks/trainer_profile.py --shard 1 --profile 0 --out DIR"""
 from __future__ import annotations
 
 import argparse
@@ -98,6 +102,7 @@ def main(argv=None) -> None:
     p.add_argument("--rows", type=int, default=512, help="rows per timed finetune (one iteration's rollout)")
     p.add_argument("--code", default="", help="another checkout whose grpo/ to time instead (before / after)")
     p.add_argument("--model", default="", help="a model folder instead of the 1B shape (a smoke run on the CPU)")
+    p.add_argument("--shard", type=int, default=0, help="1 = the FSDP2 trainer (shard=true); start under torchrun")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(args.code).resolve() if args.code else ROOT))
     import torch
@@ -106,6 +111,17 @@ def main(argv=None) -> None:
     from grpo.trainer import Trainer, drain
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, world = 0, 1  # MFU is per GPU: the group's tokens/s over its GPUs' peak
+    if args.shard:
+        import os
+
+        import torch.distributed as dist
+
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    say = print if rank == 0 else (lambda *a, **k: None)
     model, params = policy_and_parameters(args.model, args.tokenizer, Path(args.out).resolve())
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     trainer = None
@@ -115,10 +131,11 @@ def main(argv=None) -> None:
         optim = Config().replace(train_batch_size=cap_rows, gradient_accumulation_passes=max(1, 32 // cap_rows),
                                  max_tokens_per_micro_batch=cap_tokens, learning_rate=1e-6).optim
         if trainer is None:
-            trainer = Trainer(model, optim, device)
+            trainer = Trainer(model, optim, device, shard=bool(args.shard))
             rows = synthetic_rows(args.rows, trainer.model.config.vocab_size)
         trainer.optim = optim
-        drain(trainer.train(rows[:64], iteration=0, seed=0, total_steps=10**6))  # warm-up: kernels, allocator
+        # warm-up on the same rows: kernels, the allocator, and every shape the compiled layers will see
+        warm = drain(trainer.train(rows, iteration=0, seed=0, total_steps=10**6))
         sync()
         started = time.perf_counter()
         summary = drain(trainer.train(rows, iteration=1, seed=0, total_steps=10**6))
@@ -126,15 +143,27 @@ def main(argv=None) -> None:
         seconds = time.perf_counter() - started
         tps = summary["trained_tokens"] / seconds
         results.append({"shape": shape, "seconds": seconds, "steps": summary["optimizer_steps"], "tokens_per_s": tps,
-                        "mfu": 6 * params * tps / PEAK_BF16, "peak_gib": summary["peak_gpu_gib"]})
-        print(f"{shape}: {seconds:.2f} s, {tps:,.0f} tokens/s, MFU {results[-1]['mfu']:.1%}", flush=True)
+                        "mfu": 6 * params * tps / PEAK_BF16 / world, "peak_gib": summary["peak_gpu_gib"]})
+        say(f"{shape}: {seconds:.2f} s, {tps:,.0f} tokens/s, MFU {results[-1]['mfu']:.1%} (warm-up's last step: "
+            f"loss {warm['last_loss']:.6f}, gradient norm {warm['last_grad_norm']:.5f})", flush=True)
+    gather = ""
+    if args.shard:  # the ranks gather the whole state to rank 0 (the part of a checkpoint that blocks training)
+        seconds = []
+        for k in range(2):  # the first save also pins the host buffers the next ones reuse
+            started = time.perf_counter()
+            trainer.save(Path(args.out).resolve() / "checkpoints" / f"iter-{k:04d}")
+            seconds.append(time.perf_counter() - started)
+            trainer.wait_saved()
+        gather = f", checkpoint gather {seconds[0]:.1f} s (first), {seconds[1]:.1f} s (next)"
     by_kind = profile_step(trainer, rows) if device == "cuda" and args.profile else {}
     card = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"\n{args.name or 'this checkout'}: {card}, {params / 1e9:.2f}B parameters, {args.rows} rows, 32 per step\n")
-    print("| micro-batch caps (rows:tokens) | seconds | optimiser steps | tokens/s | MFU | peak GiB |")
-    print("|---|---|---|---|---|---|")
+    ranks = f", sharded over {torch.distributed.get_world_size()} rank(s)" if args.shard else ""
+    say(f"\n{args.name or 'this checkout'}: {card}, {params / 1e9:.2f}B parameters, {args.rows} rows, 32 per step"
+        f"{ranks}{gather}\n")
+    say("| micro-batch caps (rows:tokens) | seconds | optimiser steps | tokens/s | MFU | peak GiB |")
+    say("|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['shape']} | {r['seconds']:.2f} | {r['steps']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
+        say(f"| {r['shape']} | {r['seconds']:.2f} | {r['steps']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
               f"{r['peak_gib']:.1f} |")
     if by_kind:
         print_kinds(by_kind, f"one step at {args.shapes[-1]}")

@@ -1,6 +1,8 @@
 """The trainer's full state to disk without blocking training: a snapshot copied off the device (training waits
 only for that copy), written by a thread into a temp folder that is renamed into place, then older checkpoints
-deleted. One write at a time; a write's error surfaces at the next save or wait."""
+deleted. One write at a time; a write's error surfaces at the next save or wait. Sharded (FSDP2), the ranks first
+gather the whole state into rank 0's host memory, in the calling thread (a collective cannot run from a writer
+thread beside the ranks' next ones), and rank 0 alone writes it."""
 from __future__ import annotations
 
 import json
@@ -21,8 +23,9 @@ class CheckpointWriter:
     """Writes the state of `model` (float32 master weights) and `optimizer`; `snapshot_taken` is clear while a
     snapshot is being copied, so that the trainer changes no weight under it."""
 
-    def __init__(self, model, optimizer, tokenizer, device: str):
+    def __init__(self, model, optimizer, tokenizer, device: str, sharded: bool = False):
         self.model, self.optimizer, self.tokenizer, self.device = model, optimizer, tokenizer, device
+        self.sharded = sharded
         self._writer: threading.Thread | None = None
         self._pinned: dict[tuple, torch.Tensor] = {}  # host buffers of GPU checkpoints, reused by every save
         self.snapshot_taken = threading.Event()
@@ -34,10 +37,15 @@ class CheckpointWriter:
         to `path`. In the background: a thread copies the state out and writes it."""
         self.wait()
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        job = lambda: self._write(path, *self._snapshot(), info, self.model.config.to_json_string(), rng)  # noqa
+        gathered = self._gathered() if self.sharded else None
+        if self.sharded and gathered is None:  # not rank 0: its part was the gather
+            return
+        job = lambda: self._write(path, *(gathered or self._snapshot()), info,  # noqa: E731
+                                  self.model.config.to_json_string(), rng)
         if not background:
             return job()
-        self.snapshot_taken.clear()
+        if gathered is None:
+            self.snapshot_taken.clear()
         self._writer = threading.Thread(target=self._guarded, args=(job,), name="checkpoint-writer", daemon=True)
         self._writer.start()
 
@@ -67,6 +75,22 @@ class CheckpointWriter:
             return host
         finally:
             self.snapshot_taken.set()
+
+    @torch.no_grad()
+    def _gathered(self):
+        """Sharded: (weights, optimiser state) whole in host memory on rank 0 (into the pinned buffers on a GPU),
+        None on the other ranks."""
+        from grpo.group import world
+        from grpo.sharding import full_state
+
+        if world()[0] != 0:
+            full_state(self.model, self.optimizer, lambda path, tensor: None)
+            return None
+        pinned = self._pinned if self.device == "cuda" else None
+        state = full_state(self.model, self.optimizer, lambda path, tensor: to_host(tensor, pinned, path))
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return state
 
     def _guarded(self, job) -> None:
         try:

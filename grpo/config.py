@@ -213,6 +213,10 @@ class Group(Section):
     trainer_gpu: int = knob(-1, "With one trainer process (ranks=1): -1 = it shares GPU 0 with main's engine, split "
                             "by gpu_memory_utilization; N >= 1 = it trains on GPU N, a card of its own, and the "
                             "engine keeps GPU 0 (with max_lag=1 the two then generate and train at once).", low=-1)
+    shard: bool = knob(False, "FSDP2 for a trainer group (ranks > 1 or nodes > 1): each rank keeps 1/N of the float32 "
+                       "weights, gradients and AdamW state (16 bytes a parameter in all: 128 GB for an 8B model) "
+                       "instead of all of them, for a policy too big to train on one GPU; each rank still serves "
+                       "and scores with whole bf16 copies. Checkpoints are the same either way.")
 
     def check(self):
         if self.trainer_gpu == 0:
@@ -297,6 +301,10 @@ class Config:
         if self.group.trainer_gpu > 0 and is_group(self.group):
             raise ConfigError(f"trainer_gpu={self.group.trainer_gpu} places one trainer process, but ranks/nodes ask "
                               "for a trainer group whose ranks each hold a GPU; pass trainer_gpu=-1")
+        if self.group.shard and not is_group(self.group):
+            raise ConfigError("shard=true splits the trainer's state over a trainer group's ranks, but this run has "
+                              "one trainer process; pass ranks=N (N > 1, or 0 = one per GPU on a machine with "
+                              "several) or nodes > 1, or shard=false")
         if self.loop.max_lag:
             if is_group(self.group):  # ranks=0 counts this machine's GPUs
                 raise ConfigError("max_lag=1 overlaps the engine with the trainer, but in a trainer group (ranks > 1 "

@@ -16,6 +16,7 @@ import torch
 from grpo.artifacts import checkpoint_info, state_once
 from grpo.checkpointing import OPTIMIZER_STATE, CheckpointWriter
 from grpo.errors import DataError, NumericsError
+from grpo.sharding import Filler, full_weights, gradient_norm
 
 
 def learning_rate(optim, step: int, total_steps: int) -> float:
@@ -91,34 +92,46 @@ class Trainer:
     whose gradients are added into the master's in float32 after each micro-batch: with float32 weights under
     autocast, casts of weights and of a float32 residual stream took 27% of a 1B step's GPU time (H200)."""
 
-    def __init__(self, model: str, optim, device: str, checkpoint: str = ""):
+    def __init__(self, model: str, optim, device: str, checkpoint: str = "", shard: bool = False):
         from grpo.model import load_model, load_tokenizer
         from grpo.scoring import compile_layers, compute_dtype, fuse_norms, use_varlen_attention
 
-        self.model_name, self.optim, self.device = model, optim, device
+        self.model_name, self.optim, self.device, self.sharded = model, optim, device, shard
         self.tokenizer = load_tokenizer(model)
         self.model = load_model(model, device, dtype=torch.float32, checkpoint=checkpoint)
         self.model.train()
         self.model.config.use_cache = False
         cuda = use_varlen_attention(self.model)
         self.compute = self.model
-        if compute_dtype(device) != torch.float32:
+        if shard:  # FSDP2 gathers each layer in the compute dtype itself (grpo.sharding): no copy
+            from grpo.sharding import shard as fully_shard
+
+            if cuda:  # weights and stream in bf16, as the copy's; compiled before sharding, as torchtitan does
+                fuse_norms(self.model)
+                compile_layers(self.model)
+            self.scorer = fully_shard(self.model, compute_dtype(device))
+        elif compute_dtype(device) != torch.float32:
             self.compute = copy.deepcopy(self.model).to(compute_dtype(device))
             if cuda:  # as the reference model (load_reference); the probe keeps the engine's own norms
                 fuse_norms(self.compute)
                 compile_layers(self.compute)
         self._pairs = list(zip(self.model.parameters(), self.compute.parameters()))  # (master, compute), tied once
-        kwargs = {"fused": True} if device == "cuda" else {}
+        kwargs = {"fused": True} if device == "cuda" and not shard else {}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.learning_rate,
                                            weight_decay=optim.weight_decay, **kwargs)
         if checkpoint and (Path(checkpoint) / OPTIMIZER_STATE).is_file():
-            saved = torch.load(Path(checkpoint) / OPTIMIZER_STATE, map_location=device)
-            self.optimizer.load_state_dict(saved["optimizer"])
+            saved = torch.load(Path(checkpoint) / OPTIMIZER_STATE, map_location="cpu" if shard else device)
+            if shard:
+                from grpo.sharding import load_optimizer_state
+
+                load_optimizer_state(self.model, self.optimizer, saved["optimizer"])
+            else:
+                self.optimizer.load_state_dict(saved["optimizer"])
             torch.set_rng_state(saved["rng"]["torch"])
             random.setstate(saved["rng"]["python"])
         info = checkpoint_info(checkpoint) if checkpoint else {}
         self.step, self.iteration = info.get("global_step", 0), info.get("iteration", -1)
-        self.checkpoints = CheckpointWriter(self.model, self.optimizer, self.tokenizer, device)
+        self.checkpoints = CheckpointWriter(self.model, self.optimizer, self.tokenizer, device, shard)
 
     # --- training ---
 
@@ -168,10 +181,18 @@ class Trainer:
         rank, size = world()
         if size == 1:
             return batches
-        chosen = share([i for batch in batches for i in batch], rank, size)
-        cut = micro_batches([_tokens(rows[i]) for i in chosen], self.optim.train_batch_size,
-                            self.optim.max_tokens_per_micro_batch)
-        return [[chosen[k] for k in batch] for batch in cut]
+
+        def cut(r: int) -> list[list[int]]:
+            chosen = share([i for batch in batches for i in batch], r, size)
+            cuts = micro_batches([_tokens(rows[i]) for i in chosen], self.optim.train_batch_size,
+                                 self.optim.max_tokens_per_micro_batch)
+            return [[chosen[k] for k in batch] for batch in cuts]
+
+        if not self.sharded:
+            return cut(rank)
+        from grpo.sharding import pad_batches  # every rank runs as many forwards and backwards
+
+        return pad_batches([cut(r) for r in range(size)], rank)
 
     def _accumulate(self, rows, batches, step_rows, context) -> dict:
         """Forward and backward over this rank's micro-batches of one optimiser step, each weighted by the whole
@@ -179,13 +200,15 @@ class Trainer:
         group (one host sync)."""
         from grpo.group import sum_gradients, sum_values, world
         from grpo.loss import grpo_loss, token_weights, truncated_is_weight
-        from grpo.scoring import autocast, sequence_logprobs
+        from grpo.scoring import autocast
 
         optim, device, gap, old = self.optim, self.device, context["gap"], context.get("old")
         step_tokens = sum(len(r["completion_ids"]) for r in step_rows)
         sums = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0, "ratio_sum": 0.0, "tokens": 0,
                 "ratio_max": torch.zeros((), device=device)}
-        for batch in batches:
+        for k, batch in enumerate(batches):
+            if self.sharded:  # gradients are reduced over the ranks in the step's last backward only
+                self.scorer.set_requires_gradient_sync(k == len(batches) - 1)
             chosen = [rows[i] for i in batch]
             packed = _pack_rows(chosen, device)
             flat = lambda key: torch.tensor([x for r in chosen for x in r[key]], device=device)  # noqa: E731
@@ -194,7 +217,10 @@ class Trainer:
             weights = token_weights(packed.seq, packed.seq_tokens, optim.loss_reduction, len(step_rows), step_tokens,
                                     context["max_tokens"])
             with autocast(device):
-                new = sequence_logprobs(self.compute, packed, context["temperature"])
+                new = self._logprobs(packed, context["temperature"])
+            if isinstance(batch, Filler):
+                (new.sum() * 0.0).backward()
+                continue
             old_logp = sampler if old is None else torch.cat([old[i] for i in batch])
             is_weight = None if old is None else truncated_is_weight(old_logp, sampler, optim.tis_cap)
             if gap.pending:
@@ -210,7 +236,8 @@ class Trainer:
                 sums[k] += v
         gap.pending = False
         if world()[1] > 1:
-            sum_gradients(self.model.parameters())
+            if not self.sharded:  # FSDP reduced them in the last backward
+                sum_gradients(self.model.parameters())
             return sum_values(sums, maxima=("ratio_max",))
         return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in sums.items()}
 
@@ -233,7 +260,7 @@ class Trainer:
         lr = learning_rate(self.optim, self.step, total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip).item()
+        grad_norm = gradient_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip))
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NumericsError(f"gradient norm is {grad_norm} at optimiser step {self.step}; nothing of it was "
@@ -247,26 +274,38 @@ class Trainer:
         self.step += 1
         return lr, grad_norm
 
+    def _logprobs(self, packed, temperature: float) -> torch.Tensor:
+        """sequence_logprobs of the packed rows under the weights the trainer computes with."""
+        from grpo.scoring import sequence_logprobs
+
+        return self.scorer(packed, temperature) if self.sharded else sequence_logprobs(self.compute, packed,
+                                                                                         temperature)
+
     @torch.no_grad()
     def _trainer_old_logprobs(self, rows, steps, temperature) -> dict[int, torch.Tensor]:
         """The trainer's own logprobs of every row before this iteration's first update (old_logprobs=trainer)."""
-        from grpo.scoring import autocast, sequence_logprobs
+        from grpo.scoring import autocast
 
         old = {}
         for batches in steps:
             for batch in batches:
                 packed = _pack_rows([rows[i] for i in batch], self.device)
                 with autocast(self.device):
-                    values = sequence_logprobs(self.compute, packed, temperature)
+                    values = self._logprobs(packed, temperature)
+                if isinstance(batch, Filler):
+                    continue
                 old.update(zip(batch, values.split(packed.seq_tokens.tolist())))
+        if self.sharded:
+            self.scorer.reshard()
         return old
 
     # --- weights out ---
 
     @torch.no_grad()
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, tensor) of every parameter, tied ones once, as stored (float32)."""
-        yield from self.model.named_parameters()
+        """(HF name, tensor) of every parameter, tied ones once, as stored (float32). Sharded: whole tensors,
+        gathered one at a time (a collective: every rank reads the iterator to its end)."""
+        yield from full_weights(self.model) if self.sharded else self.model.named_parameters()
 
     @torch.no_grad()
     def probe_logprobs(self, probe, dtype: torch.dtype | None = None) -> list[float]:
@@ -278,6 +317,10 @@ class Trainer:
 
         dtype = dtype or (torch.bfloat16 if self.device == "cuda" else torch.float32)
         packed = pack([probe.prompt], [probe.completion], self.device)
+        if self.sharded:  # a collective; FSDP computes in the serving dtype already (bf16 on a GPU)
+            logprobs = self.scorer(packed, 1.0).float().tolist()
+            self.scorer.reshard()  # a forward without backward leaves the root unit's weights gathered
+            return logprobs
         self.checkpoints.snapshot_taken.wait()  # a checkpoint's copy must not see the rounded weights
         kept = {p: p.data for p in self.model.parameters()}  # tied weights are one parameter
         try:
@@ -295,8 +338,8 @@ class Trainer:
         from grpo.engines.base import probe_gap
 
         served = self.probe_logprobs(probe)
-        if self.device != "cuda":
-            return served, 0.0
+        if self.device != "cuda" or self.sharded:  # sharded: no float32 forward to compare with (a group's
+            return served, 0.0                     # engine check has its own tolerance, GroupEngine.tolerance)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return served, probe_gap(served, self.probe_logprobs(probe, torch.float32))
 
@@ -305,9 +348,14 @@ class Trainer:
         """The current policy as a Hugging Face folder in bf16 (what a logged model keeps), written synchronously."""
         from safetensors.torch import save_file
 
+        from grpo.group import world
+
+        state = full_weights(self.model) if self.sharded else state_once(self.model)
+        weights = {name: t.to("cpu", torch.bfloat16).contiguous() for name, t in state}
+        if world()[0] != 0:  # a sharded rank's part was the gather
+            return
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        weights = {name: t.to("cpu", torch.bfloat16).contiguous() for name, t in state_once(self.model)}
         save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
         config = self.model.config.to_dict() | {"dtype": "bfloat16"}
         (folder / "config.json").write_text(json.dumps(config, indent=1))

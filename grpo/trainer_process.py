@@ -50,8 +50,10 @@ class TrainerClient:
         self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, encoding="utf-8", env=env)
         self.lines = queue.Queue()
         threading.Thread(target=_pump, args=(self.process.stdout, self.lines), daemon=True).start()
+        shard = group is not None and groups.is_group(group) and group.shard
         self._send({"op": "init", "model": model, "optim": dataclasses.asdict(optim), "device": device,
-                    "checkpoint": checkpoint, "memory_fraction": memory_fraction, "batch_size": batch_size,
+                    "checkpoint": checkpoint, "shard": shard, "memory_fraction": memory_fraction,
+                    "batch_size": batch_size,
                     "probe": dataclasses.asdict(probe) if probe else None}, "loading the policy")
         return self._read("loading the policy", timeout=max(self.timeout, 300))  # imports and a model load
 
@@ -265,7 +267,9 @@ def _requests(rank: int, size: int, reply):
 def serve() -> None:
     """Worker side: answer requests until stdin closes. A fixable error (NaN, bad data) is replied; the next
     `init` starts from the last complete checkpoint. In a trainer group every rank runs this loop on the same
-    requests; rank 0 alone answers, exports and writes checkpoints (the ranks' weights are the same)."""
+    requests; rank 0 alone answers, exports and writes checkpoints (the ranks' weights are the same). Sharded
+    (FSDP2), every rank takes part in those too: each holds only a shard of the weights, and a forward, an export
+    or a checkpoint gathers them from all."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is main's to handle: it stops this process itself
     die_with_parent()
     from grpo import group
@@ -280,10 +284,12 @@ def serve() -> None:
     for request in _requests(rank, size, reply):
         try:
             op = request["op"]
+            lead = rank == 0 or (trainer is not None and trainer.sharded)  # ranks that do rank 0's ops
             if op == "init":
                 trainer, exporter, probe = _init(request)
                 work = group.RankWork(trainer, request["batch_size"]) if size > 1 else None
-                reply({"ready": {"global_step": trainer.step, "iteration": trainer.iteration, "ranks": size}})
+                reply({"ready": {"global_step": trainer.step, "iteration": trainer.iteration, "ranks": size,
+                                  "sharded": trainer.sharded}})
             elif op == "train":
                 if os.environ.get("GRPO_FAILPOINT") == "trainer-hang":  # tests: a trainer that stops answering
                     threading.Event().wait()
@@ -296,20 +302,20 @@ def serve() -> None:
                 reply(work.generate(request))
             elif op == "score":
                 reply(work.score(request))
-            elif op == "engine_probe" and rank == 0:
+            elif op == "engine_probe" and lead:
                 reply({"probe": work.probe(probe)})
-            elif op == "probe" and rank == 0:
+            elif op == "probe" and lead:
                 served, precision = trainer.probe_with_precision(probe)
                 reply({"probe": served, "precision": precision})
             elif op == "weights" and rank == 0:
                 reply({"weights": exporter.export(trainer)})
-            elif op == "export" and rank == 0:
+            elif op == "export" and lead:
                 trainer.export(Path(request["path"]))
                 reply({"exported": request["path"]})
-            elif op == "save" and rank == 0:
+            elif op == "save" and lead:
                 trainer.save(Path(request["path"]))
                 reply({"saving": request["path"]})
-            elif op == "wait_saved" and rank == 0:
+            elif op == "wait_saved" and lead:
                 trainer.wait_saved()
                 reply({"saved": True})
         except GrpoError as e:
@@ -333,7 +339,8 @@ def _init(request: dict):
         device = "cuda"
     if device == "cuda" and request["memory_fraction"]:
         torch.cuda.set_per_process_memory_fraction(request["memory_fraction"])
-    trainer = Trainer(request["model"], Optim(**request["optim"]), device, request["checkpoint"])
+    trainer = Trainer(request["model"], Optim(**request["optim"]), device, request["checkpoint"],
+                      request.get("shard", False))
     probe = Probe(**request["probe"]) if request["probe"] else None
     return trainer, _Exporter(device), probe
 

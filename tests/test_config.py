@@ -85,6 +85,7 @@ def test_bad_values_give_one_clear_line(argv, message):
     ({"max_lag": 1, "nodes": 2, "rendezvous": "host:29500"}, "in a trainer group (ranks > 1 or nodes > 1)"),
     ({"trainer_gpu": 0}, "trainer_gpu=0 is the engine's GPU"),
     ({"trainer_gpu": 1, "ranks": 2}, "trainer_gpu=1 places one trainer process"),
+    ({"shard": True}, "shard=true splits the trainer's state over a trainer group's ranks"),
 ])
 def test_validation_refuses_bad_values(changes, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -1,6 +1,7 @@
 """The trainer as a torch.distributed group (grpo.group) on CPU processes and the gloo backend, launched by the
 real torchrun: two ranks must train to the same weights as one process, and generate and score as one engine
-does; two rendezvous agents on this host stand in for two machines, and a rank killed takes the group down."""
+does; two rendezvous agents on this host stand in for two machines, and a rank killed takes the group down.
+Sharded (FSDP2), two ranks train, checkpoint and resume as one process does."""
 import os
 import socket
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from grpo.artifacts import write_jsonl
+from grpo.artifacts import checkpoint_path, write_jsonl
 from grpo.config import Group, Optim
 from grpo.group import join_command
 from grpo.engines.torch_engine import TorchEngine
@@ -32,43 +33,65 @@ def _rows(tokenizer, model):
             for k, (c, lp) in enumerate(zip(completions, logps))]
 
 
-def _train(model_dir, annotated, out, group):
+# one row per micro-batch: a step of 3 rows gives one rank 2 micro-batches and the other 1 (a sharded rank pads)
+OPTIM = Optim(learning_rate=1e-2, warmup_steps=0, train_batch_size=1, gradient_accumulation_passes=4)
+
+
+def _train(model_dir, annotated, out, group, checkpoint=""):
     client = TrainerClient(timeout=120)
-    optim = Optim(learning_rate=1e-2, warmup_steps=0, train_batch_size=2, gradient_accumulation_passes=2)
-    ready = client.start(model_dir, optim, "cpu", "", group=group, batch_size=8)["ready"]
+    ready = client.start(model_dir, OPTIM, "cpu", checkpoint, group=group, batch_size=8)["ready"]
     summaries = [drain(client.train(annotated, 0, 0, 10)) for _ in range(2)]  # two iterations: AdamW state too
     client.export(out)
     return client, ready, summaries
 
 
+@pytest.fixture(scope="module")
+def alone(tiny_model_dir, tokenizer, tmp_path_factory):
+    """One trainer process: two iterations on the rows (exported to one/), a checkpoint of them, then a third
+    (exported to one3/); float32 throughout, so a group's sums differ from it only in their order."""
+    folder = tmp_path_factory.mktemp("alone")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRPO_CPU_BF16", "0")
+        model = load_model(tiny_model_dir, "cpu", dtype=torch.float32)
+        rows = _rows(tokenizer, model)
+        write_jsonl(rows, folder / "annotated.jsonl")
+        client, ready, summaries = _train(tiny_model_dir, folder / "annotated.jsonl", folder / "one", Group(ranks=1))
+        client.save(checkpoint_path(folder, 1))
+        client.wait_saved()
+        drain(client.train(folder / "annotated.jsonl", 2, 0, 10))
+        client.export(folder / "one3")
+        client.close()
+    return {"folder": folder, "model": model, "rows": rows, "ready": ready, "summaries": summaries}
+
+
+def _same_training(alone: list[dict], grouped: list[dict], ours: Path, theirs: Path) -> None:
+    """Step metrics (the whole step's, summed over the ranks) and exported weights as one process's."""
+    for a, b in zip(alone, grouped):
+        for key in ("last_loss", "last_kl", "last_clip_fraction", "last_ratio_mean", "last_ratio_max",
+                    "last_grad_norm", "sampler_gap_mean", "sampler_gap_max", "sequences_trained",
+                    "optimizer_steps"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    weights = [load_file(side / "model.safetensors") for side in (theirs, ours)]
+    assert weights[0].keys() == weights[1].keys()
+    # Adam turns float-order noise in near-zero gradients into steps of up to lr: a few elements may differ
+    diffs = torch.cat([(weights[1][k].float() - weights[0][k].float()).abs().reshape(-1) for k in weights[0]])
+    assert (diffs > 1e-3).float().mean() < 1e-3 and diffs.max() < 2e-2
+
+
 @pytest.mark.slow
-def test_two_ranks_train_generate_and_score_as_one_process(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+def test_two_ranks_train_generate_and_score_as_one_process(alone, tiny_model_dir, tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("GRPO_CPU_BF16", "0")  # float32 on both sides: sums differ only in their order
-    model = load_model(tiny_model_dir, "cpu", dtype=torch.float32)
-    annotated = tmp_path / "annotated.jsonl"
-    rows = _rows(tokenizer, model)
-    write_jsonl(rows, annotated)
-    one, ready_one, alone = _train(tiny_model_dir, annotated, tmp_path / "one", Group(ranks=1))
-    one.close()
+    model, rows, annotated = alone["model"], alone["rows"], alone["folder"] / "annotated.jsonl"
     # two machines: main's node 0 and a second rendezvous agent on this host as node 1, one rank each
     group = Group(ranks=1, nodes=2, rendezvous=f"127.0.0.1:{_free_port()}")
     command = join_command(group).replace("--node-rank K", "--node-rank 1").split()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     node1 = subprocess.Popen([sys.executable, *command[1:]], stdin=subprocess.DEVNULL, env=env)
     two, ready_two, grouped = _train(tiny_model_dir, annotated, tmp_path / "two", group)
-    assert (ready_one["ranks"], ready_two["ranks"]) == (1, 2)
-    for a, b in zip(alone, grouped):  # metrics are the whole step's, summed over the ranks
-        for key in ("last_loss", "last_kl", "last_clip_fraction", "last_ratio_mean", "last_ratio_max",
-                    "last_grad_norm", "sampler_gap_mean", "sampler_gap_max", "sequences_trained",
-                    "optimizer_steps"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
-    weights = [load_file(tmp_path / side / "model.safetensors") for side in ("one", "two")]
-    assert weights[0].keys() == weights[1].keys()
-    moved = load_file(tmp_path / "one" / "model.safetensors")["model.norm.weight"].float()
+    assert (alone["ready"]["ranks"], ready_two["ranks"], ready_two["sharded"]) == (1, 2, False)
+    moved = load_file(alone["folder"] / "one" / "model.safetensors")["model.norm.weight"].float()
     assert not torch.equal(moved, model.model.norm.weight.to(torch.bfloat16).float())  # training did something
-    # Adam turns float-order noise in near-zero gradients into steps of up to lr: a few elements may differ
-    diffs = torch.cat([(weights[1][k].float() - weights[0][k].float()).abs().reshape(-1) for k in weights[0]])
-    assert (diffs > 1e-3).float().mean() < 1e-3 and diffs.max() < 2e-2
+    _same_training(alone["summaries"], grouped, tmp_path / "two", alone["folder"] / "one")
 
     # generation: the ranks share the prompts, rank 0 returns every completion in the prompts' order
     trained = load_model(str(tmp_path / "two"), "cpu", dtype=torch.float32)
@@ -190,3 +213,48 @@ def test_a_finetune_sent_to_the_trainer_process_runs_while_main_does_something_e
         assert seen == [1, 2, 3, 4] and summary["optimizer_steps"] == 4  # the run's optimiser steps, from 1
     finally:
         client.close()
+
+
+@pytest.mark.slow
+def test_a_sharded_group_trains_checkpoints_and_resumes_as_one_process(alone, tiny_model_dir, tokenizer, tmp_path,
+                                                                       monkeypatch):
+    """shard=true (FSDP2), two CPU ranks: the same steps as one process, a checkpoint in the one-process format
+    (whole weights, AdamW state keyed alike), and a resume from the one process's checkpoint that trains the
+    third iteration to the same weights (so a run can switch between sharded and not)."""
+    monkeypatch.setenv("GRPO_CPU_BF16", "0")
+    annotated, group = alone["folder"] / "annotated.jsonl", Group(ranks=2, shard=True)
+    two, ready, grouped = _train(tiny_model_dir, annotated, tmp_path / "two", group)
+    assert (ready["ranks"], ready["sharded"]) == (2, True)
+    _same_training(alone["summaries"], grouped, tmp_path / "two", alone["folder"] / "one")
+    # each rank serves a whole copy of the sharded weights: greedy completions as one engine's on the exported ones
+    prompts = [alone["rows"][0]["prompt_ids"], [5, 6, 7]]
+    reply = two.ask({"op": "generate", "prompts": prompts, "n": 1, "temperature": 0.0, "max_new_tokens": 5,
+                     "seed": 0}, "generating")
+    trained = load_model(str(tmp_path / "two"), "cpu", dtype=torch.float32)
+    greedy = TorchEngine(trained, tokenizer, 8, progress=False).generate(prompts, 1, 0.0, 5)
+    assert [g[0][0] for g in reply["completions"]] == [g[0].token_ids for g in greedy]
+    two.save(checkpoint_path(tmp_path, 1))
+    two.wait_saved()
+    two.close()
+    ours, theirs = (torch.load(checkpoint_path(side, 1) / "optimizer.pt")["optimizer"]
+                    for side in (tmp_path, alone["folder"]))
+    assert [g["params"] for g in ours["param_groups"]] == [g["params"] for g in theirs["param_groups"]]
+    assert ours["state"].keys() == theirs["state"].keys()
+    for k, state in theirs["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ours["state"][k][name], state[name], rtol=1e-3, atol=1e-6)
+        assert float(ours["state"][k]["step"]) == float(state["step"]) == 4  # two iterations of two steps
+    weights = [load_file(checkpoint_path(side, 1) / "model.safetensors") for side in (tmp_path, alone["folder"])]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[1]:
+        assert weights[0][name].dtype == torch.float32
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=0, atol=2e-2)
+
+    resumed = TrainerClient(timeout=120)
+    start = resumed.start(tiny_model_dir, OPTIM, "cpu", str(checkpoint_path(alone["folder"], 1)), group=group,
+                          batch_size=8)["ready"]
+    assert (start["global_step"], start["iteration"]) == (4, 0)
+    drain(resumed.train(annotated, 2, 0, 10))
+    resumed.export(tmp_path / "three")
+    resumed.close()
+    _same_training([], [], tmp_path / "three", alone["folder"] / "one3")
