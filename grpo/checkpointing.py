@@ -20,8 +20,8 @@ OPTIMIZER_STATE = "optimizer.pt"  # AdamW state and RNG, beside the Hugging Face
 
 
 class CheckpointWriter:
-    """Writes the state of `model` (float32 master weights) and `optimizer`; `snapshot_taken` is clear while a
-    snapshot is being copied, so that the trainer changes no weight under it."""
+    """Writes the state of `model` (float32 master weights) and `optimizer`, and loads it back; `snapshot_taken` is
+    clear while a snapshot is being copied, so that the trainer changes no weight under it."""
 
     def __init__(self, model, optimizer, tokenizer, device: str, sharded: bool = False):
         self.model, self.optimizer, self.tokenizer, self.device = model, optimizer, tokenizer, device
@@ -48,6 +48,23 @@ class CheckpointWriter:
             self.snapshot_taken.clear()
         self._writer = threading.Thread(target=self._guarded, args=(job,), name="checkpoint-writer", daemon=True)
         self._writer.start()
+
+    def load(self, path: Path) -> None:
+        """The optimiser state and RNG of the checkpoint at `path` (its weights are the model's already), if it
+        has them. AdamW's kernels stay this run's choice (fused on a GPU unless sharded), not the saving run's."""
+        if not (path / OPTIMIZER_STATE).is_file():
+            return
+        saved = torch.load(path / OPTIMIZER_STATE, map_location="cpu" if self.sharded else self.device)
+        how = {key: self.optimizer.param_groups[0][key] for key in ("fused", "foreach")}
+        saved["optimizer"]["param_groups"] = [{**g, **how} for g in saved["optimizer"]["param_groups"]]
+        if self.sharded:
+            from grpo.sharding import load_optimizer_state
+
+            load_optimizer_state(self.model, self.optimizer, saved["optimizer"])
+        else:
+            self.optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        random.setstate(saved["rng"]["python"])
 
     def wait(self) -> None:
         """Until the last write is complete; its error, if it failed."""

@@ -33,7 +33,8 @@ class Scorer(torch.nn.Module):
 def shard(model, dtype: torch.dtype) -> Scorer:
     """Shard `model` (float32, on this rank's device) in place: one FSDP unit per decoder layer and one for the
     rest (tied weights must share a unit), whose root is the returned Scorer. Forward and backward run in
-    `dtype`; gradients are reduced in float32. Parameter names stay the model's own."""
+    `dtype`; gradients accumulate over micro-batches and are reduced in float32 (FSDP upcasts to reduce_dtype), as
+    the unsharded trainer's master gradients. Parameter names stay the model's own."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
@@ -83,14 +84,11 @@ def full_state(model, optimizer, keep) -> tuple[dict, dict]:
 
 def load_optimizer_state(model, optimizer, saved: dict) -> None:
     """Load an unsharded optimiser's `state_dict()` (a checkpoint's) into the sharded optimiser, each rank keeping
-    its shard. How AdamW runs (fused, foreach) stays this optimiser's: fused kernels take no sharded tensors."""
+    its shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     names = [name for name, _ in model.named_parameters()]
-    live = optimizer.param_groups[0]
-    groups = [{**group, "params": [names[k] for k in group["params"]],
-               **{key: live[key] for key in ("fused", "foreach") if key in live}}
-              for group in saved["param_groups"]]
+    groups = [{**group, "params": [names[k] for k in group["params"]]} for group in saved["param_groups"]]
     full = {"state": {names[k]: value for k, value in saved["state"].items()}, "param_groups": groups}
     set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
 

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 
 from grpo.artifacts import checkpoint_info, state_once
-from grpo.checkpointing import OPTIMIZER_STATE, CheckpointWriter
+from grpo.checkpointing import CheckpointWriter
 from grpo.errors import DataError, NumericsError
 from grpo.sharding import Filler, full_weights, gradient_norm
 
@@ -119,19 +119,11 @@ class Trainer:
         kwargs = {"fused": True} if device == "cuda" and not shard else {}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.learning_rate,
                                            weight_decay=optim.weight_decay, **kwargs)
-        if checkpoint and (Path(checkpoint) / OPTIMIZER_STATE).is_file():
-            saved = torch.load(Path(checkpoint) / OPTIMIZER_STATE, map_location="cpu" if shard else device)
-            if shard:
-                from grpo.sharding import load_optimizer_state
-
-                load_optimizer_state(self.model, self.optimizer, saved["optimizer"])
-            else:
-                self.optimizer.load_state_dict(saved["optimizer"])
-            torch.set_rng_state(saved["rng"]["torch"])
-            random.setstate(saved["rng"]["python"])
+        self.checkpoints = CheckpointWriter(self.model, self.optimizer, self.tokenizer, device, shard)
+        if checkpoint:
+            self.checkpoints.load(Path(checkpoint))
         info = checkpoint_info(checkpoint) if checkpoint else {}
         self.step, self.iteration = info.get("global_step", 0), info.get("iteration", -1)
-        self.checkpoints = CheckpointWriter(self.model, self.optimizer, self.tokenizer, device, shard)
 
     # --- training ---
 

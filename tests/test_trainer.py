@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from grpo.artifacts import CHECKPOINT_INFO, checkpoint_info
+from grpo.checkpointing import OPTIMIZER_STATE
 from grpo.config import Config, Optim
 from grpo.errors import DataError, NumericsError
 from grpo.model import load_model
@@ -151,8 +152,12 @@ def test_background_checkpoint_is_complete_and_resumes_step_and_optimizer(tiny_m
     info = checkpoint_info(target)
     assert (info["iteration"], info["global_step"]) == (0, 2)
     assert not [p for p in target.parent.iterdir() if p.name.startswith(".tmp-")]
+    saved = torch.load(target / OPTIMIZER_STATE)  # as a run whose AdamW ran other kernels would have saved it
+    saved["optimizer"]["param_groups"][0]["foreach"] = True
+    torch.save(saved, target / OPTIMIZER_STATE)
     resumed = Trainer(tiny_model_dir, trainer.optim, "cpu", checkpoint=str(target))
     assert resumed.step == 2 and resumed.optimizer.state_dict()["state"]
+    assert resumed.optimizer.param_groups[0]["foreach"] is None  # this run's choice (fused on a GPU), not the saver's
     later = tmp_path / "run" / "checkpoints" / "iter-0001"
     trainer.save(later, background=False)
     assert not target.exists() and json.loads((later / CHECKPOINT_INFO).read_text())["global_step"] == 4
