@@ -1,7 +1,9 @@
 """Checks of the GPU-only code paths, printed as a table (run on a CUDA machine; CI has none):
 packed flash-attention (varlen) logprobs and gradients against the padded SDPA layout, the static-cache sampler's
 logprobs against the trainer's, its one KV buffer across batch shapes, weights handed to another process by
-CUDA IPC, and the probe check's precision (trainer vs a bf16 engine on a sharpened SmolLM2-shaped policy).
+CUDA IPC, the probe check's precision (trainer vs a bf16 engine on a sharpened SmolLM2-shaped policy), and the
+sharded trainer (FSDP2 over a one-rank NCCL group): its step, hand-over probe and checkpoint, resumed sharded and
+unsharded (fused AdamW).
 
     python benchmarks/gpu_checks.py [TOKENIZER_FOLDER]     # default: the bundled SmolLM2's"""
 from __future__ import annotations
@@ -169,6 +171,64 @@ def probe_precision(rows: list[str]) -> None:
                     f"autocast {autocast:.4f} | tolerance {engine.tolerance} |")
 
 
+def sharded_checkpoint(rows: list[str]) -> None:
+    """shard=true on a GPU, as a group of one rank: a step against the unsharded trainer's, the hand-over probe
+    against a bf16 engine served from its gathered weights, and its checkpoint resumed unsharded (fused AdamW,
+    step counters on the GPU) and sharded, each training the next iteration alike."""
+    import socket
+    import tempfile
+
+    import torch.distributed as dist
+
+    from grpo.config import Optim
+    from grpo.engines.base import Probe, probe_gap
+    from grpo.engines.torch_engine import TorchEngine
+    from grpo.model import load_model, resolve
+    from grpo.trainer import Trainer, drain
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from trainer_profile import synthetic_rows
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(sys.argv[1] if len(sys.argv) > 1 else resolve("smollm2-135m"))
+    folder = Path(tempfile.mkdtemp())
+    tiny_llama(len(tokenizer)).save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        data = synthetic_rows(32, len(tokenizer))
+        optim = Optim(learning_rate=1e-4, warmup_steps=0, train_batch_size=8, gradient_accumulation_passes=2)
+        step = lambda trainer, i: drain(trainer.train(data, i, 0, 100))  # noqa: E731
+        model = str(folder / "model")
+        sharded, plain = Trainer(model, optim, "cuda", shard=True), Trainer(model, optim, "cuda")
+        first = [step(t, 0) for t in (sharded, plain)]
+        rows.append(f"| sharded step vs unsharded (one rank) | loss {first[0]['last_loss']:.5f} / "
+                    f"{first[1]['last_loss']:.5f}, gradient norm {first[0]['last_grad_norm']:.4f} / "
+                    f"{first[1]['last_grad_norm']:.4f} | bf16 compute both |")
+        probe = Probe(data[0]["prompt_ids"], data[0]["completion_ids"][:40])
+        engine = TorchEngine(load_model(model, "cuda"), tokenizer, batch_size=8, progress=False)
+        engine.update_weights(sharded.named_weights(), 1)
+        gap = probe_gap(engine.probe_logprobs(probe), sharded.probe_with_precision(probe)[0])
+        rows.append(f"| sharded hand-over probe vs bf16 engine | {gap:.4f} nats | group tolerance 0.05 |")
+        sharded.save(folder / "run" / "checkpoints" / "iter-0000", background=False)
+        after = step(sharded, 1)
+        checkpoint = str(folder / "run" / "checkpoints" / "iter-0000")
+        resumed = {"unsharded": Trainer(model, optim, "cuda", checkpoint=checkpoint),
+                   "sharded": Trainer(model, optim, "cuda", checkpoint=checkpoint, shard=True)}
+        for name, trainer in resumed.items():
+            again = step(trainer, 1)
+            rows.append(f"| sharded checkpoint resumed {name} | loss {again['last_loss']:.5f} (went on: "
+                        f"{after['last_loss']:.5f}), gradient norm {again['last_grad_norm']:.4f} "
+                        f"({after['last_grad_norm']:.4f}) | AdamW fused: "
+                        f"{trainer.optimizer.param_groups[0]['fused']} |")
+    finally:
+        dist.destroy_process_group()
+
+
 def main() -> None:
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -178,7 +238,7 @@ def main() -> None:
         signature = "no torch.nn.attention.varlen"
     rows = ["| check | result | note |", "|---|---|---|",
             f"| torch {torch.__version__}, {torch.cuda.get_device_name()} | {signature} | - |"]
-    for check in (varlen_vs_padded, compiled_layers, sampler_parity, cuda_ipc, probe_precision):
+    for check in (varlen_vs_padded, compiled_layers, sampler_parity, cuda_ipc, probe_precision, sharded_checkpoint):
         try:
             check(rows)
         except Exception as e:  # report and go on: each check is independent

@@ -63,7 +63,7 @@ class CheckpointWriter:
             load_optimizer_state(self.model, self.optimizer, saved["optimizer"])
         else:
             self.optimizer.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["rng"]["torch"])
+        torch.set_rng_state(saved["rng"]["torch"].cpu())  # map_location put it on the GPU with the rest
         random.setstate(saved["rng"]["python"])
 
     def wait(self) -> None:
