@@ -185,10 +185,12 @@ def test_killed_at_every_stage_of_every_iteration_and_resumed_each_time(store, p
 def test_killed_main_run_leaves_nothing_running_or_half_written(store, tiny_model_dir, how):
     """Killed, then resumed to the end. With main alone killed, its trainer must die with it; a trainer group (two
     CPU ranks under torchrun, gloo), sharded (FSDP2) or not, runs the whole chain: its ranks generate, score and
-    train, and torchrun's agent and the ranks must die with main."""
+    train, and torchrun's agent and the ranks must die with main. The sharded group also scores the old policy
+    itself (old_logprobs=trainer): forward passes that every rank must run alike."""
     group = "group" in how
     args = [*TINY, "--model", tiny_model_dir, "--max_iterations", "2", "--checkpoint_every", "1",
-            *(["--ranks", "2"] if group else []), *(["--shard", "true"] if "sharded" in how else [])]
+            *(["--ranks", "2"] if group else []),
+            *(["--shard", "true", "--old_logprobs", "trainer"] if "sharded" in how else [])]
     process = _start(args, {"GRPO_FAILPOINT": "checkpoint-write"} if how == "mid checkpoint write" else {})
     run_id = _run_id_of(process)
     if how.startswith("main"):  # the trainer must not outlive it (and race the resumed run's checkpoints)
