@@ -7,7 +7,8 @@ What stays as without sharding, so that the two are interchangeable mid-run:
 - checkpoints hold whole tensors, and the optimiser state as one unsharded process's `optimizer.state_dict()`
   (parameters numbered in `named_parameters` order): a run resumes sharded or not, on any number of ranks.
 
-Every function here except `pad_batches` is a collective: all ranks call it, in the same order."""
+`shard`, `full_weights`, `full_state` and `load_optimizer_state` are collectives (they gather or scatter over the
+ranks): all ranks call them, in the same order."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -62,7 +63,7 @@ def full_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
 
 def gradient_norm(norm) -> float:
     """The value of `clip_grad_norm_`'s total norm, which over sharded gradients is a replicated DTensor."""
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    return float(whole(norm))
 
 
 def whole(value):
