@@ -157,14 +157,14 @@ def main(argv=None) -> None:
         gather = f", checkpoint gather {seconds[0]:.1f} s (first), {seconds[1]:.1f} s (next)"
     by_kind = profile_step(trainer, rows) if device == "cuda" and args.profile else {}
     card = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    ranks = f", sharded over {torch.distributed.get_world_size()} rank(s)" if args.shard else ""
+    ranks = f", sharded over {world} rank(s)" if args.shard else ""
     say(f"\n{args.name or 'this checkout'}: {card}, {params / 1e9:.2f}B parameters, {args.rows} rows, 32 per step"
         f"{ranks}{gather}\n")
     say("| micro-batch caps (rows:tokens) | seconds | optimiser steps | tokens/s | MFU | peak GiB |")
     say("|---|---|---|---|---|---|")
     for r in results:
         say(f"| {r['shape']} | {r['seconds']:.2f} | {r['steps']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
-              f"{r['peak_gib']:.1f} |")
+            f"{r['peak_gib']:.1f} |")
     if by_kind:
         print_kinds(by_kind, f"one step at {args.shapes[-1]}")
 

@@ -198,9 +198,9 @@ class Trainer:
         step_tokens = sum(len(r["completion_ids"]) for r in step_rows)
         sums = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0, "ratio_sum": 0.0, "tokens": 0,
                 "ratio_max": torch.zeros((), device=device)}
-        for k, batch in enumerate(batches):
+        for index, batch in enumerate(batches):
             if self.sharded:  # gradients are reduced over the ranks in the step's last backward only
-                self.scorer.set_requires_gradient_sync(k == len(batches) - 1)
+                self.scorer.set_requires_gradient_sync(index == len(batches) - 1)
             chosen = [rows[i] for i in batch]
             packed = _pack_rows(chosen, device)
             flat = lambda key: torch.tensor([x for r in chosen for x in r[key]], device=device)  # noqa: E731
@@ -342,9 +342,10 @@ class Trainer:
 
         from grpo.group import world
 
+        lead = world()[0] == 0  # a sharded rank's part is the gather; rank 0 alone keeps and writes
         state = full_weights(self.model) if self.sharded else state_once(self.model)
-        weights = {name: t.to("cpu", torch.bfloat16).contiguous() for name, t in state}
-        if world()[0] != 0:  # a sharded rank's part was the gather
+        weights = {name: t.to("cpu", torch.bfloat16).contiguous() if lead else None for name, t in state}
+        if not lead:
             return
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
