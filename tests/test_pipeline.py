@@ -10,6 +10,8 @@ import mlflow
 import pytest
 from conftest import ROOT, last_line, run_entry, runs_of, wait_until
 
+from grpo.artifacts import CHECKPOINT_INFO
+
 TINY = ["--backend", "hf", "--problems", "2", "--attempts", "4", "--max_new_tokens", "8", "--eval_limit", "4",
         "--val_limit", "4", "--train_batch_size", "4", "--gradient_accumulation_passes", "2", "--trace_samples", "0"]
 STAGES = ("rollout", "annotate", "finetune")
@@ -181,12 +183,13 @@ def test_killed_at_every_stage_of_every_iteration_and_resumed_each_time(store, p
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["main only", "main of a trainer group", "main of a sharded trainer group",
-                                 "mid checkpoint write"])
+                                 "main of a sharded trainer group in iteration 1", "mid checkpoint write"])
 def test_killed_main_run_leaves_nothing_running_or_half_written(store, tiny_model_dir, how):
     """Killed, then resumed to the end. With main alone killed, its trainer must die with it; a trainer group (two
     CPU ranks under torchrun, gloo), sharded (FSDP2) or not, runs the whole chain: its ranks generate, score and
     train, and torchrun's agent and the ranks must die with main. The sharded group also scores the old policy
-    itself (old_logprobs=trainer): forward passes that every rank must run alike."""
+    itself (old_logprobs=trainer): forward passes that every rank must run alike; killed once before its first
+    checkpoint (the resume replays) and once after it (the resume loads the checkpoint the ranks wrote)."""
     group = "group" in how
     args = [*TINY, "--model", tiny_model_dir, "--max_iterations", "2", "--checkpoint_every", "1",
             *(["--ranks", "2"] if group else []),
@@ -194,8 +197,9 @@ def test_killed_main_run_leaves_nothing_running_or_half_written(store, tiny_mode
     process = _start(args, {"GRPO_FAILPOINT": "checkpoint-write"} if how == "mid checkpoint write" else {})
     run_id = _run_id_of(process)
     if how.startswith("main"):  # the trainer must not outlive it (and race the resumed run's checkpoints)
-        wait_until(lambda: "finetune-0" in json.loads((Path("grpo_runs") / run_id / "state.json").read_text())["runs"],
-                   "finetune-0", 300)
+        stage = "rollout-1" if "iteration 1" in how else "finetune-0"  # rollout-1 comes after checkpoint 0's save
+        wait_until(lambda: stage in json.loads((Path("grpo_runs") / run_id / "state.json").read_text())["runs"],
+                   stage, 300)
         trainers = _trainer_pids(process.pid, 3 if group else 1)  # torchrun's agent and its two ranks, or one
         os.kill(process.pid, signal.SIGKILL)
         wait_until(lambda: not any(map(_alive, trainers)), "the trainer processes to die with main", 20)
@@ -204,6 +208,8 @@ def test_killed_main_run_leaves_nothing_running_or_half_written(store, tiny_mode
     checkpoints = Path("grpo_runs") / run_id / "checkpoints"
     if how == "mid checkpoint write":  # the trainer killed the group between two files of a save
         assert list(checkpoints.glob(".tmp-iter-0000-*")) and not (checkpoints / "iter-0000").exists()
+    if "iteration 1" in how:  # the resume starts from the checkpoint the sharded ranks wrote
+        assert (checkpoints / "iter-0000" / CHECKPOINT_INFO).is_file()
     run_entry("main", *args, env={"MLFLOW_RUN_ID": run_id})
     _assert_one_clean_run(store, run_id, 2)
 
