@@ -3,8 +3,11 @@ table of iterations, median stage times and the last value of each metric. Made 
 as well as the learning (max_lag 0 against 1): per iteration says what a sample is worth, per second what it costs.
 
     python benchmarks/compare_runs.py CURVES.png lag0=DIR lag1=DIR [--metrics train_reward_mean,test_boxed_rate]
+    python benchmarks/compare_runs.py CURVES.png "lag 0:1=DIR" "lag 0:2=DIR" "lag 1:1=DIR" ... --at 20,30,60
 
-Each DIR is what `export_run.py` wrote for one main run (metrics.csv, run_info.json); the clock starts with the run."""
+Each DIR is what `export_run.py` wrote for one main run (metrics.csv, run_info.json); the clock starts with the run.
+Runs named SETTING:SEED share a colour per setting (a line style per seed), and --at prints each setting's mean over
+its seeds of every metric at those iterations (seeds that did not reach one are left out of its mean)."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +27,7 @@ def main(argv=None) -> None:
     p.add_argument("runs", nargs="+", help="NAME=DIR, once per run")
     p.add_argument("--metrics", default="train_reward_mean,train_boxed_rate,test_boxed_rate,test_accuracy",
                    help="comma-separated metrics, a row of the figure each")
+    p.add_argument("--at", default="", help="comma-separated iterations: each setting's mean over seeds there")
     args = p.parse_args(argv)
     if any("=" not in r for r in args.runs):
         sys.exit("each run is NAME=DIR, e.g. lag0=docs/h100x2_lag/reference-s1")
@@ -48,16 +52,23 @@ def main(argv=None) -> None:
         print(f"| {name} | {len(rewards)} | {per_iteration:.2f} ({stages}) | "
               + " | ".join(f"{run[m][-1][1]:.3f}" for m in metrics) + " |")
 
+    if args.at:
+        means_at(runs, metrics, [int(i) for i in args.at.split(",")])
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from grpo.plots import _pyplot
 
     plt = _pyplot()
     figure, axes = plt.subplots(len(metrics), 2, figsize=(10, 2.6 * len(metrics)), squeeze=False, sharey="row")
+    settings = list(dict.fromkeys(setting(name) for name in runs))
+    styles = {}
+    for name in runs:
+        seeds_before = sum(setting(n) == setting(name) for n in styles)
+        styles[name] = {"color": f"C{settings.index(setting(name))}", "linestyle": ("-", "--", ":", "-.")[seeds_before % 4]}
     for row, metric in zip(axes, metrics):
         for name, run in runs.items():
             steps, values, seconds = zip(*run[metric])
-            row[0].plot(steps, values, marker=".", label=name)
-            row[1].plot(seconds, values, marker=".", label=name)
+            row[0].plot(steps, values, marker=".", markersize=3, label=name, **styles[name])
+            row[1].plot(seconds, values, marker=".", markersize=3, label=name, **styles[name])
         row[0].set_ylabel(metric)
         for ax in row:
             ax.grid(alpha=0.3)
@@ -67,6 +78,26 @@ def main(argv=None) -> None:
     figure.tight_layout()
     figure.savefig(args.figure, dpi=90)
     print(f"curves: {args.figure}")
+
+
+def setting(name: str) -> str:
+    return name.rsplit(":", 1)[0]
+
+
+def means_at(runs: dict, metrics: list[str], iterations: list[int]) -> None:
+    """A markdown table: per setting and iteration, the mean over its seeds of each metric logged at that step
+    (with how many seeds reached it)."""
+    print("\n| setting | iteration | seeds there | " + " | ".join(f"mean {m}" for m in metrics) + " |")
+    print("|---" * (3 + len(metrics)) + "|")
+    for name in dict.fromkeys(setting(n) for n in runs):
+        seeds = [run for n, run in runs.items() if setting(n) == name]
+        for i in iterations:
+            cells, reached = [], 0
+            for m in metrics:
+                values = [v for run in seeds for step, v, _ in run[m] if step == i]
+                reached = max(reached, len(values))
+                cells.append(f"{statistics.mean(values):.3f}" if values else "-")
+            print(f"| {name} | {i} | {reached} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
