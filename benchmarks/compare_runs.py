@@ -63,7 +63,8 @@ def main(argv=None) -> None:
     styles = {}
     for name in runs:
         seeds_before = sum(setting(n) == setting(name) for n in styles)
-        styles[name] = {"color": f"C{settings.index(setting(name))}", "linestyle": ("-", "--", ":", "-.")[seeds_before % 4]}
+        styles[name] = {"color": f"C{settings.index(setting(name))}",
+                        "linestyle": ("-", "--", ":", "-.")[seeds_before % 4]}
     for row, metric in zip(axes, metrics):
         for name, run in runs.items():
             steps, values, seconds = zip(*run[metric])

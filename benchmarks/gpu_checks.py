@@ -3,7 +3,7 @@ packed flash-attention (varlen) logprobs and gradients against the padded SDPA l
 logprobs against the trainer's, its one KV buffer across batch shapes, weights handed to another process by
 CUDA IPC, the probe check's precision (trainer vs a bf16 engine on a sharpened SmolLM2-shaped policy), and the
 sharded trainer (FSDP2 over a one-rank NCCL group): its step, hand-over probe and checkpoint, resumed sharded and
-unsharded (fused AdamW).
+unsharded (fused AdamW), and its rank 0 sending its weights over the NCCL group engine ranks would join.
 
     python benchmarks/gpu_checks.py [TOKENIZER_FOLDER]     # default: the bundled SmolLM2's"""
 from __future__ import annotations
@@ -214,6 +214,13 @@ def sharded_checkpoint(rows: list[str]) -> None:
         engine.update_weights(sharded.named_weights(), 1)
         gap = probe_gap(engine.probe_logprobs(probe), sharded.probe_with_precision(probe)[0])
         rows.append(f"| sharded hand-over probe vs bf16 engine | {gap:.4f} nats | group tolerance 0.05 |")
+        from grpo.engine_ranks import Meeting, Sender  # engine_ranks' weights group: NCCL beside the default group
+
+        meeting = Meeting(0)  # main's store: it must outlive the group's members, as EngineRanks keeps it
+        seconds = Sender().send(sharded, meeting.spec())
+        rows.append(f"| engine_ranks weights group (NCCL), the sharded trainer's rank 0 alone | sent "
+                    f"{len(sharded.weight_layout())} tensors in {seconds:.3f} s | API check: one GPU cannot hold "
+                    "two members |")
         sharded.save(folder / "run" / "checkpoints" / "iter-0000", background=False)
         after = step(sharded, 1)
         checkpoint = str(folder / "run" / "checkpoints" / "iter-0000")

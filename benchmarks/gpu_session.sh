@@ -14,6 +14,8 @@
 #              recipe's batch, where each rank's share is large enough to scale; MICRO tokens per micro-batch,
 #              default 8192, as the README table) with each number of ranks (1 = one trainer process beside
 #              main's engine on GPU 0)
+#   engines E:T... [.whl .carry0]: installs, then the 1B-shaped iteration benchmark (ITERATIONS, PROBLEMS, MICRO as
+#              scale) with E engine ranks beside T trainer ranks at lag 1, for each E:T given (E + T GPUs each)
 #   sweeps ARGS [.whl .carry0]: installs, then trials per hour of the sweep with 1 and N workers
 #              (benchmarks/sweep_scale.py ARGS)
 #   prep [.whl .carry0 (.whl_trl: trl, datasets, dill, multiprocess for the `trl` setting)], then [.carry1], then
@@ -91,6 +93,15 @@ scale)
     python3 benchmarks/iteration.py --out /tmp/bench --tokenizer /tmp/tok --name "ranks-$ranks" \
       --iterations "${ITERATIONS:-3}" --problems "${PROBLEMS:-64}" \
       --extra "--max_tokens_per_micro_batch ${MICRO:-8192} --checkpoint_every 2 --ranks $ranks"
+    cp /tmp/bench/*.json "$OUT/"
+  done ;;
+engines)
+  setup
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  for split in "$@"; do
+    python3 benchmarks/iteration.py --out /tmp/bench --tokenizer /tmp/tok --name "engines-${split/:/-}" \
+      --iterations "${ITERATIONS:-3}" --problems "${PROBLEMS:-64}" --extra "--max_tokens_per_micro_batch \
+      ${MICRO:-8192} --checkpoint_every 2 --engine_ranks ${split%:*} --ranks ${split#*:} --max_lag 1"
     cp /tmp/bench/*.json "$OUT/"
   done ;;
 sweeps)

@@ -201,11 +201,12 @@ class Loop(Section):
 
 @dataclass
 class Group(Section):
-    """Several GPUs, or machines: the trainer as a torchrun group whose ranks also generate and score."""
+    """Several GPUs, or machines: the trainer as a torchrun group whose ranks also generate and score, or beside
+    engine ranks that generate and score on GPUs of their own."""
     ranks: int = knob(1, "Trainer processes on this machine. 1 = one trainer process beside main's engine "
                       "(colocated on one GPU); N > 1 = a torchrun group of N ranks, one per GPU, each generating, "
                       "scoring for the reference and training on its share (gradients summed over NCCL; gloo "
-                      "on CPUs); 0 = one rank per visible GPU.", low=0)
+                      "on CPUs); 0 = one rank per visible GPU (those that engine_ranks leave).", low=0)
     nodes: int = knob(1, "Machines in the trainer group. With N > 1, main's machine is node 0 and prints the "
                       "command that each other machine runs to join; work_dir must be on a filesystem all of "
                       "them see.", low=1)
@@ -213,6 +214,11 @@ class Group(Section):
     trainer_gpu: int = knob(-1, "With one trainer process (ranks=1): -1 = it shares GPU 0 with main's engine, split "
                             "by gpu_memory_utilization; N >= 1 = it trains on GPU N, a card of its own, and the "
                             "engine keeps GPU 0 (with max_lag=1 the two then generate and train at once).", low=-1)
+    engine_ranks: int = knob(0, "Rollout engines in processes of their own, one per GPU (the first E GPUs; the trainer "
+                             "takes the next ones), each generating and scoring for the reference its share of every "
+                             "request; after each finetune the trainer's rank 0 broadcasts the new weights to them "
+                             "(NCCL; gloo on CPUs). With max_lag=1 they sample iteration i+1 while the trainer learns "
+                             "from i. 0 = main's own engine, or a trainer group's ranks generate.", low=0)
     shard: bool = knob(False, "FSDP2 for a trainer group (ranks > 1 or nodes > 1): each rank keeps 1/N of the float32 "
                        "weights, gradients and AdamW state (16 bytes a parameter in all: 128 GB for an 8B model) "
                        "instead of all of them, for a policy too big to train on one GPU; each rank still serves "
@@ -221,6 +227,13 @@ class Group(Section):
     def check(self):
         if self.trainer_gpu == 0:
             raise ConfigError("trainer_gpu=0 is the engine's GPU; pass -1 to share it, or the index of another GPU")
+        if self.engine_ranks and self.trainer_gpu > 0:
+            raise ConfigError(f"engine_ranks={self.engine_ranks} places the trainer on the GPUs after the engines'; "
+                              "pass trainer_gpu=-1")
+        if self.engine_ranks and self.nodes > 1:
+            raise ConfigError(f"engine_ranks={self.engine_ranks} with nodes={self.nodes}: engine ranks beside a "
+                              "trainer group of several machines are not built yet; pass engine_ranks=0 (the ranks "
+                              "then generate) or nodes=1")
         if self.nodes > 1 and ":" not in self.rendezvous:
             raise ConfigError(f"nodes={self.nodes} needs rendezvous=HOST:PORT (an address of this machine that "
                               "the others reach, and a free port)")
@@ -305,10 +318,10 @@ class Config:
             raise ConfigError("shard=true splits the trainer's state over a trainer group's ranks, but this run has "
                               "one trainer process; pass ranks=N (N > 1, or 0 = one per GPU on a machine with "
                               "several) or nodes > 1, or shard=false")
-        if self.loop.max_lag:
-            if is_group(self.group):  # ranks=0 counts this machine's GPUs
-                raise ConfigError("max_lag=1 overlaps the engine with the trainer, but in a trainer group (ranks > 1 "
-                                  "or nodes > 1) every rank generates and trains in turn; pass max_lag=0")
+        if self.loop.max_lag and is_group(self.group) and not self.group.engine_ranks:  # ranks=0 counts GPUs
+            raise ConfigError("max_lag=1 overlaps the engine with the trainer, but in a trainer group (ranks > 1 "
+                              "or nodes > 1) every rank generates and trains in turn; pass max_lag=0, or "
+                              "engine_ranks=N to generate on GPUs of their own")
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> "Config":

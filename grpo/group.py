@@ -6,7 +6,8 @@ gloo on CPUs). Main talks to rank 0 over the trainer process's JSON protocol; ra
 Why every rank does everything: iterations are strictly on-policy (generate, score, then train), so a GPU kept
 for generation alone would idle while the others train, and the reverse. Colocated, no GPU idles, and the
 weights a rank generates with are its own trained ones, copied on the device: nothing crosses the network but
-gradients, requests and results.
+gradients, requests and results. With max_lag=1, engines of their own (grpo.engine_ranks) generate while the
+group trains instead.
 
 Several machines: main's machine is node 0 and holds rank 0; the others join with the command main prints
 (`join_command`). The run's work_dir must be on a filesystem every machine sees (checkpoints are loaded by
@@ -44,19 +45,23 @@ def is_group(group) -> bool:
 
 
 def local_ranks(group) -> int:
-    """group.ranks, or 0 = one per visible GPU (1 without a GPU)."""
+    """group.ranks, or 0 = one per visible GPU that the engine ranks leave (1 without a GPU)."""
     if group.ranks:
         return group.ranks
     import torch
 
-    return max(1, torch.cuda.device_count())
+    return max(1, torch.cuda.device_count() - group.engine_ranks)
 
 
-def check_ranks(ranks: int, device: str, gpus: int) -> None:
-    """One rank per GPU: more ranks than visible GPUs would put two ranks on one card (or fail to start)."""
+def check_ranks(ranks: int, device: str, gpus: int, engines: int = 0) -> None:
+    """One rank per GPU: more ranks (trainer and engine ranks) than visible GPUs would put two on one card (or
+    fail to start; NCCL refuses two ranks of a group on one GPU)."""
     from grpo.errors import ConfigError
 
-    if device == "cuda" and ranks > gpus:
+    if device == "cuda" and ranks + engines > gpus:
+        if engines:
+            raise ConfigError(f"engine_ranks={engines} and ranks={ranks} need {ranks + engines} GPUs but {gpus} are "
+                              f"visible; pass ranks=0 (the GPUs the engines leave) or fewer engine_ranks")
         raise ConfigError(f"ranks={ranks} but {gpus} GPU(s) are visible; pass ranks=0 (one per GPU) or at most "
                           f"{gpus}")
 
@@ -99,6 +104,8 @@ def gather(value) -> list | None:
     import torch.distributed as dist
 
     rank, size = world()
+    if size == 1:  # engine_ranks=1: one engine process, no group
+        return [value]
     out = [None] * size if rank == 0 else None
     dist.gather_object(value, out, dst=0)
     return out
@@ -167,15 +174,20 @@ class RankWork:
 
     def __init__(self, trainer, batch_size: int):
         self.trainer, self.batch_size = trainer, batch_size
+        self.model_name, self.device = trainer.model_name, trainer.device
         self.engine, self.reference, self.version = None, None, None
 
-    def _engine(self):
+    def _load_engine(self, tokenizer):
         from grpo.engines.torch_engine import TorchEngine
         from grpo.model import load_model
 
         if self.engine is None:
-            model = load_model(self.trainer.model_name, self.trainer.device)
-            self.engine = TorchEngine(model, self.trainer.tokenizer, self.batch_size, progress=False)
+            self.engine = TorchEngine(load_model(self.model_name, self.device), tokenizer, self.batch_size,
+                                      progress=False)
+        return self.engine
+
+    def _engine(self):
+        self._load_engine(self.trainer.tokenizer)
         if self.version != self.trainer.step:
             self.engine.update_weights(self.trainer.named_weights(), self.trainer.step)
             self.version = self.trainer.step
@@ -204,7 +216,7 @@ class RankWork:
 
         rank, size = world()
         if self.reference is None:
-            self.reference = load_reference(self.trainer.model_name, self.trainer.device)
+            self.reference = load_reference(self.model_name, self.device)
         prompts, completions = share(request["prompts"], rank, size), share(request["completions"], rank, size)
         scored = score_completions(self.reference, prompts, completions, request["temperature"]) if prompts else []
         parts = gather(scored)
@@ -212,15 +224,16 @@ class RankWork:
 
 
 class GroupEngine:
-    """Main's view of the group as a rollout engine (`engines.base.Engine`): generation is the ranks', and the
-    weights they serve are their own, so a hand-over only moves the version on."""
+    """Main's view of the group as a rollout engine (`engines.base.Engine`): generation is the ranks'. A trainer
+    group's ranks serve their own trained weights, so a hand-over only moves the version on; engine ranks
+    (grpo.engine_ranks) are sent them by `hand_over(version)`."""
     name = "group"
     in_place = True
 
-    def __init__(self, client, start):
+    def __init__(self, client, start, hand_over=None):
         from grpo.engines.base import GenerationStats
 
-        self.client, self.start, self.version = client, start, 0
+        self.client, self.start, self.hand_over, self.version = client, start, hand_over, 0
         self.stats = GenerationStats()
         self.tolerance = 0.05  # bf16 serving copy against the trainer's float32 weights under bf16 autocast
 
@@ -235,7 +248,11 @@ class GroupEngine:
                 for group in reply["completions"]]
 
     def update_weights(self, weights, version: int) -> None:
-        self.version = version  # `weights` is left unread: the ranks copy their own trained weights
+        """`weights` (main's in-memory hand-over) is left unread: trainer ranks copy their own trained weights,
+        engine ranks receive them by broadcast from the trainer."""
+        if self.hand_over:
+            self.hand_over(version)
+        self.version = version
 
     def probe_logprobs(self, probe) -> list[float]:
         self.start()
@@ -248,7 +265,7 @@ class GroupEngine:
 class GroupReference:
     """Main's view of the group as the reference model: `score_completions` as in grpo.scoring."""
 
-    def __init__(self, client, start):
+    def __init__(self, client, start, hand_over=None):
         self.client, self.start = client, start
 
     def score_completions(self, prompts, completions, temperature, progress=None) -> list[list[float]]:

@@ -50,9 +50,15 @@ class Chain:
         self.checkpoint = str(checkpoint) if checkpoint else ""
         self.trained = checkpoint_info(checkpoint)["iteration"] + 1 if checkpoint else 0  # iterations in the weights
         self.trainer = TrainerClient(cfg.loop.trainer_timeout)
-        self.grouped = is_group(cfg.group)  # the trainer's ranks generate and score too
-        self.ws = Workspace(cfg, checkpoint=self.checkpoint,
-                            group=(self.trainer, self.start_trainer) if self.grouped else None)
+        self.grouped = is_group(cfg.group)  # a torchrun group (whose ranks generate and score, without engines)
+        self.engines = None  # engine_ranks: engines of their own, sent the trainer's weights (grpo.engine_ranks)
+        if cfg.group.engine_ranks:
+            from grpo.engine_ranks import EngineRanks
+
+            self.engines = EngineRanks(cfg)
+        generators = ((self.engines.client, self.start_trainer, self.send_weights) if self.engines else
+                      (self.trainer, self.start_trainer) if self.grouped else None)
+        self.ws = Workspace(cfg, checkpoint=self.checkpoint, group=generators)
         self.saved = self.trained - 1  # the newest iteration whose checkpoint exists or is being written
         self.pending: tuple[int, object] | None = None  # (iteration, replies) of a finetune sent to the trainer
         self.floor: float | None = None  # probe gap between engine and trainer on the same weights
@@ -99,20 +105,37 @@ class Chain:
     # --- the trainer and the engine ---
 
     def start_trainer(self) -> None:
+        """The trainer (and the engine ranks) started if they are not running; started engines, or engines beside
+        a started trainer, get the trainer's weights."""
+        p, group, started = self.ws.placement, self.cfg.group, False
+        if self.engines is not None and not self.engines.alive:
+            self.engines.start(p, self.ws.probe)
+            started = True
         if not self.trainer.alive:
-            p, group = self.ws.placement, self.cfg.group
             if group.nodes > 1:
                 from grpo.group import join_command
 
                 say(f"grpo main: waiting for the other {group.nodes - 1} machine(s) of the trainer group; on each, "
                     f"in this project with the same environment, run: {join_command(group)}")
             self.trainer.start(self.cfg.policy.model, self.cfg.optim, p.trainer, self.checkpoint,
-                               0.0 if self.grouped else p.trainer_memory_fraction, self.ws.probe, group,
-                               self.cfg.engine.generation_batch_size)
-            if self.floor is None:  # engine and trainer hold the same weights now: their precision difference
-                from grpo.engines.base import probe_gap
+                               0.0 if self.grouped or self.engines else p.trainer_memory_fraction, self.ws.probe,
+                               group, self.cfg.engine.generation_batch_size,
+                               **(self.engines.trainer_placement(p) if self.engines else {}))
+            started = True
+        if started and self.engines is not None:
+            self.engines.send(self.trainer, self.trained, fresh=True)
+        if started and self.floor is None:  # engine and trainer hold the same weights: their precision difference
+            from grpo.engines.base import probe_gap
 
-                self.floor = probe_gap(self.ws.engine.probe_logprobs(self.ws.probe), self.trainer.probe()[0])
+            self.floor = probe_gap(self.ws.engine.probe_logprobs(self.ws.probe), self.trainer.probe()[0])
+
+    def send_weights(self, version: int) -> None:
+        self.engines.send(self.trainer, version)
+
+    def close(self, kill: bool = False) -> None:
+        self.trainer.close(kill)
+        if self.engines is not None:
+            self.engines.close(kill)
 
     def planned_steps(self) -> int:
         """Optimiser steps of the whole run if every group had signal: the horizon of the cosine schedule."""
@@ -258,9 +281,9 @@ def run_main(cfg, folder: Path | None = None, changes: dict | None = None, on_lo
         try:
             result = _loop(cfg, chain, state)
         except BaseException:
-            chain.trainer.close(kill=True)
+            chain.close(kill=True)
             raise
-        chain.trainer.close()
+        chain.close()
         _finish(chain, state)
     return result
 

@@ -52,11 +52,21 @@ def shard(model, dtype: torch.dtype) -> Scorer:
 def full_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, whole tensor on this rank's device) of every parameter, tied ones once, and of persistent buffers,
     in state-dict order (the names `artifacts.state_once` gives an unsharded model)."""
+    for name, value in _weights(model):
+        yield name, whole(value)  # the root unit's weights stay whole after a forward without backward (FSDP2)
+
+
+def full_layout(model) -> list[tuple[str, list[int]]]:
+    """(name, whole shape) of what full_weights yields, in its order, without gathering anything."""
+    return [(name, list(value.shape)) for name, value in _weights(model)]
+
+
+def _weights(model):
     params = dict(model.named_parameters())  # tied weights are one parameter, under their first name
     buffers = dict(model.named_buffers())
     for name in model.state_dict():
-        if name in params:  # the root unit's weights stay whole after a forward without backward (FSDP2)
-            yield name, whole(params[name])
+        if name in params:
+            yield name, params[name]
         elif name in buffers:
             yield name, buffers[name]
 

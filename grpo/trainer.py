@@ -16,7 +16,7 @@ import torch
 from grpo.artifacts import checkpoint_info, state_once
 from grpo.checkpointing import CheckpointWriter
 from grpo.errors import DataError, NumericsError
-from grpo.sharding import Filler, full_weights, gradient_norm
+from grpo.sharding import Filler, full_layout, full_weights, gradient_norm
 
 
 def learning_rate(optim, step: int, total_steps: int) -> float:
@@ -298,6 +298,12 @@ class Trainer:
         """(HF name, tensor) of every parameter, tied ones once, as stored (float32). Sharded: whole tensors,
         gathered one at a time (a collective: every rank reads the iterator to its end)."""
         yield from full_weights(self.model) if self.sharded else self.model.named_parameters()
+
+    def weight_layout(self) -> list[tuple[str, list[int]]]:
+        """(HF name, shape) of what named_weights yields, in its order; nothing is gathered."""
+        if self.sharded:
+            return full_layout(self.model)
+        return [(name, list(p.shape)) for name, p in self.model.named_parameters()]
 
     @torch.no_grad()
     def probe_logprobs(self, probe, dtype: torch.dtype | None = None) -> list[float]:

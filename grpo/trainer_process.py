@@ -35,27 +35,35 @@ class TrainerClient:
         self._cuda_buffer = None  # (handle, tensor) of the worker's shared weights buffer
 
     def start(self, model: str, optim, device: str, checkpoint: str, memory_fraction: float = 0.0,
-              probe=None, group=None, batch_size: int = 64) -> dict:
+              probe=None, group=None, batch_size: int = 64, role: str = "trainer", gpus: str | None = None,
+              sharing: int = 0) -> dict:
         """One trainer process, or with group.ranks != 1 or group.nodes > 1 a trainer group under torchrun
-        (grpo.group) whose ranks also generate (batch_size sequences at once) and score for the reference."""
+        (grpo.group) whose ranks also generate (batch_size sequences at once) and score for the reference.
+        role="engine": engine ranks instead (grpo.engine_ranks; group.ranks of them), which never train. gpus: the
+        CUDA_VISIBLE_DEVICES they get; sharing: processes started beside them that share the CPU cores."""
         from grpo import group as groups
 
         self.close(kill=True)
         env = {**os.environ, "GRPO_PARENT_PID": str(os.getpid()), "GRPO_GROUP_DEVICE": device,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        if gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpus
         cmd = [sys.executable, "-m", "grpo.trainer_process"]
-        if group is not None and groups.is_group(group):  # torchrun, started by a process that dies with main
+        grouped = group is not None and groups.is_group(group)
+        if grouped:  # torchrun, started by a process that dies with main
             cmd += ["--exec", *groups.launch_command(group)]
-            share_cores(env, groups.local_ranks(group))
+        if grouped or sharing:
+            share_cores(env, (groups.local_ranks(group) if grouped else 1) + sharing)
         self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, encoding="utf-8", env=env)
         self.lines = queue.Queue()
         threading.Thread(target=_pump, args=(self.process.stdout, self.lines), daemon=True).start()
-        shard = group is not None and groups.is_group(group) and group.shard
-        self._send({"op": "init", "model": model, "optim": dataclasses.asdict(optim), "device": device,
+        shard = grouped and group.shard
+        self._send({"op": "init", "role": role, "model": model, "optim": dataclasses.asdict(optim), "device": device,
                     "checkpoint": checkpoint, "shard": shard, "memory_fraction": memory_fraction,
                     "batch_size": batch_size,
                     "probe": dataclasses.asdict(probe) if probe else None}, "loading the policy")
-        return self._read("loading the policy", timeout=max(self.timeout, 300))  # imports and a model load
+        return self._read("loading the policy" if role == "trainer" else "loading the engines",
+                          timeout=max(self.timeout, 300))  # imports and a model load
 
     @property
     def alive(self) -> bool:
@@ -279,17 +287,29 @@ def serve() -> None:
     rank, size = group.setup()
     replies = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8") if rank == 0 else None
     os.dup2(2, 1)  # prints from libraries must not corrupt the replies
-    trainer, exporter, probe, work = None, None, None, None
+    trainer, exporter, probe, work, sender = None, None, None, None, None
     reply = (lambda payload: replies.write(dumps(payload) + "\n")) if rank == 0 else (lambda payload: None)
     for request in _requests(rank, size, reply):
         try:
             op = request["op"]
             lead = rank == 0 or (trainer is not None and trainer.sharded)  # ranks that do rank 0's ops
-            if op == "init":
+            if op == "init" and request.get("role") == "engine":
+                from grpo.engine_ranks import EngineWork
+
+                probe, work = _probe(request), EngineWork(request["model"], request["device"], request["batch_size"])
+                reply({"ready": {"ranks": size, "role": "engine"}})
+            elif op == "init":
                 trainer, exporter, probe = _init(request)
                 work = group.RankWork(trainer, request["batch_size"]) if size > 1 else None
                 reply({"ready": {"global_step": trainer.step, "iteration": trainer.iteration, "ranks": size,
                                   "sharded": trainer.sharded}})
+            elif op == "receive_weights":  # an engine rank's
+                reply({"received": work.receive(request)})
+            elif op == "send_weights" and lead:
+                from grpo.engine_ranks import Sender
+
+                sender = sender or Sender()
+                reply({"sent": sender.send(trainer, request["channel"])})
             elif op == "train":
                 if os.environ.get("GRPO_FAILPOINT") == "trainer-hang":  # tests: a trainer that stops answering
                     threading.Event().wait()
@@ -330,7 +350,6 @@ def _init(request: dict):
     import torch
 
     from grpo.config import Optim
-    from grpo.engines.base import Probe
     from grpo.trainer import Trainer
 
     device = request["device"]
@@ -341,8 +360,13 @@ def _init(request: dict):
         torch.cuda.set_per_process_memory_fraction(request["memory_fraction"])
     trainer = Trainer(request["model"], Optim(**request["optim"]), device, request["checkpoint"],
                       request.get("shard", False))
-    probe = Probe(**request["probe"]) if request["probe"] else None
-    return trainer, _Exporter(device), probe
+    return trainer, _Exporter(device), _probe(request)
+
+
+def _probe(request: dict):
+    from grpo.engines.base import Probe
+
+    return Probe(**request["probe"]) if request["probe"] else None
 
 
 if __name__ == "__main__":

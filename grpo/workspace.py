@@ -79,23 +79,26 @@ def planned_card_gib() -> float | None:
 
 def check_placement(cfg) -> Placement:
     """The run's placement, or a one-line ConfigError naming the fix, checked before anything is logged: a
-    trainer_gpu the machine lacks, or more trainer ranks than visible GPUs (then no FAILED run is left behind)."""
+    trainer_gpu the machine lacks, or more trainer and engine ranks than visible GPUs (then no FAILED run is left
+    behind)."""
     from grpo.group import check_ranks, is_group, local_ranks
 
     planned_card_gib()  # a bad GRPO_GPU_MEMORY_GIB is refused on the CPU too, where no cap uses it
     placement = place(cfg.policy, cfg.engine, cfg.group.trainer_gpu)
-    if is_group(cfg.group):
+    if is_group(cfg.group) or cfg.group.engine_ranks:
         import torch
 
-        check_ranks(local_ranks(cfg.group), placement.trainer, torch.cuda.device_count())
+        check_ranks(local_ranks(cfg.group) if is_group(cfg.group) else 1, placement.trainer,
+                    torch.cuda.device_count(), cfg.group.engine_ranks)
     return placement
 
 
 class Workspace:
     def __init__(self, cfg, placement: Placement | None = None, checkpoint: str = "", progress: bool = True,
                  group=None):
-        """group: (trainer client, start) of a trainer group (grpo.group): its ranks are the engine and the
-        reference model, and this process loads neither."""
+        """group: (client, start[, hand_over]) of the ranks that generate and score, a trainer group's
+        (grpo.group) or engine ranks (grpo.engine_ranks): they are the engine and the reference model, and this
+        process loads neither."""
         self.cfg, self.checkpoint, self.progress, self.group = cfg, checkpoint, progress, group
         self.placement = placement or place(cfg.policy, cfg.engine, cfg.group.trainer_gpu)
 

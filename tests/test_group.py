@@ -1,7 +1,7 @@
 """The trainer as a torch.distributed group (grpo.group) on CPU processes and the gloo backend, launched by the
 real torchrun: two ranks must train to the same weights as one process, and generate and score as one engine
 does; two rendezvous agents on this host stand in for two machines, and a rank killed takes the group down.
-Sharded (FSDP2), two ranks train, checkpoint and resume as one process does."""
+Sharded (FSDP2), two ranks train, checkpoint and resume as one process does, and feed two engine ranks by broadcast."""
 import os
 import socket
 import subprocess
@@ -13,13 +13,16 @@ import torch
 from safetensors.torch import load_file
 
 from grpo.artifacts import checkpoint_path, write_jsonl
-from grpo.config import Group, Optim
+from grpo.config import Config, Group, Optim
+from grpo.engine_ranks import EngineRanks
+from grpo.engines.base import Probe
 from grpo.group import join_command
 from grpo.engines.torch_engine import TorchEngine
 from grpo.model import load_model
 from grpo.scoring import score_completions
 from grpo.trainer import drain
 from grpo.trainer_process import ROOT, TrainerClient
+from grpo.workspace import place
 
 
 def _rows(tokenizer, model):
@@ -142,6 +145,9 @@ def test_more_ranks_than_gpus_is_one_line():
     check_ranks(4, "cuda", 4)
     with pytest.raises(ConfigError, match="ranks=2 but 1 GPU"):
         check_ranks(2, "cuda", 1)
+    check_ranks(2, "cuda", 4, engines=2)
+    with pytest.raises(ConfigError, match="engine_ranks=2 and ranks=3 need 5 GPUs but 4 are visible"):
+        check_ranks(3, "cuda", 4, engines=2)
 
 
 def test_a_trainer_process_that_ctrl_c_killed_while_starting_is_an_interrupt_not_a_failure():
@@ -216,11 +222,13 @@ def test_a_finetune_sent_to_the_trainer_process_runs_while_main_does_something_e
 
 
 @pytest.mark.slow
-def test_a_sharded_group_trains_checkpoints_and_resumes_as_one_process(alone, tiny_model_dir, tokenizer, tmp_path,
-                                                                       monkeypatch):
+def test_a_sharded_group_trains_checkpoints_resumes_as_one_process_and_feeds_engine_ranks(
+        alone, tiny_model_dir, tokenizer, tmp_path, monkeypatch):
     """shard=true (FSDP2), two CPU ranks: the same steps as one process, a checkpoint in the one-process format
     (whole weights, AdamW state keyed alike), and a resume from the one process's checkpoint that trains the
-    third iteration to the same weights (so a run can switch between sharded and not)."""
+    third iteration to the same weights (so a run can switch between sharded and not). Resumed beside two engine
+    ranks (grpo.engine_ranks): its rank 0 broadcasts the weights the ranks gather, before and after training, and
+    the engines then serve them (probe, greedy generation) and score as the base model."""
     monkeypatch.setenv("GRPO_CPU_BF16", "0")
     annotated, group = alone["folder"] / "annotated.jsonl", Group(ranks=2, shard=True)
     two, ready, grouped = _train(tiny_model_dir, annotated, tmp_path / "two", group)
@@ -250,11 +258,42 @@ def test_a_sharded_group_trains_checkpoints_and_resumes_as_one_process(alone, ti
         assert weights[0][name].dtype == torch.float32
         torch.testing.assert_close(weights[0][name], weights[1][name], rtol=0, atol=2e-2)
 
+    # resumed from the one process's checkpoint, beside two engine ranks that the trainer's rank 0 broadcasts to
+    cfg = Config.from_flat({"model": tiny_model_dir, "ranks": 2, "shard": True, "engine_ranks": 2,
+                            "generation_batch_size": 8, "trainer_timeout": 120})
+    rows, placement = alone["rows"], place(cfg.policy, cfg.engine)
+    probe = Probe(rows[0]["prompt_ids"], rows[0]["completion_ids"])
+    engines = EngineRanks(cfg)
+    engines.start(placement, probe)
     resumed = TrainerClient(timeout=120)
-    start = resumed.start(tiny_model_dir, OPTIM, "cpu", str(checkpoint_path(alone["folder"], 1)), group=group,
-                          batch_size=8)["ready"]
+    start = resumed.start(tiny_model_dir, OPTIM, "cpu", str(checkpoint_path(alone["folder"], 1)), probe=probe,
+                          group=group, batch_size=8, **engines.trainer_placement(placement))["ready"]
     assert (start["global_step"], start["iteration"]) == (4, 0)
+    served = lambda: engines.client.ask({"op": "engine_probe"}, "probe")["probe"]  # noqa: E731 (engine rank 0)
+    engines.send(resumed, 2, fresh=True)
+    before = served()
+    assert before == pytest.approx(resumed.probe()[0], abs=1e-5)  # float32 on both sides: the same weights
     drain(resumed.train(annotated, 2, 0, 10))
     resumed.export(tmp_path / "three")
-    resumed.close()
     _same_training([], [], tmp_path / "three", alone["folder"] / "one3")
+    engines.send(resumed, 3)
+    after = served()
+    assert after == pytest.approx(resumed.probe()[0], abs=1e-5) and after != pytest.approx(before, abs=1e-3)
+    # both engines hold them: greedy completions, shared out and gathered in order, as one engine's on the float32
+    # weights the trainer checkpoints (the bf16 export would round them)
+    prompts = [rows[0]["prompt_ids"], [5, 6, 7], rows[0]["prompt_ids"][2:]]
+    reply = engines.client.ask({"op": "generate", "prompts": prompts, "n": 1, "temperature": 0.0,
+                                "max_new_tokens": 5, "seed": 0}, "generating")
+    resumed.save(checkpoint_path(tmp_path, 2))
+    resumed.wait_saved()
+    one = TorchEngine(load_model(tiny_model_dir, "cpu", dtype=torch.float32), tokenizer, 8, progress=False)
+    one.update_weights(load_file(checkpoint_path(tmp_path, 2) / "model.safetensors").items(), 3)
+    greedy = one.generate(prompts, 1, 0.0, 5)
+    assert [g[0][0] for g in reply["completions"]] == [g[0].token_ids for g in greedy]
+    completions = [rows[k]["completion_ids"] for k in range(3)]  # the reference model is the base model
+    scored = engines.client.ask({"op": "score", "prompts": [rows[0]["prompt_ids"]] * 3, "completions": completions,
+                                 "temperature": 0.7}, "scoring")["logprobs"]
+    for got, want in zip(scored, score_completions(alone["model"], [rows[0]["prompt_ids"]] * 3, completions, 0.7)):
+        assert got == pytest.approx(want, abs=1e-5)
+    engines.close()
+    resumed.close()

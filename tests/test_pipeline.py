@@ -182,17 +182,21 @@ def test_killed_at_every_stage_of_every_iteration_and_resumed_each_time(store, p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["main only", "main of a trainer group", "main of a sharded trainer group",
-                                 "main of a sharded trainer group in iteration 1", "mid checkpoint write"])
+@pytest.mark.parametrize("how", ["main only", "main of a trainer group beside two engine ranks at lag 1",
+                                 "main of a sharded trainer group", "main of a sharded trainer group in iteration 1",
+                                 "mid checkpoint write"])
 def test_killed_main_run_leaves_nothing_running_or_half_written(store, tiny_model_dir, how):
     """Killed, then resumed to the end. With main alone killed, its trainer must die with it; a trainer group (two
     CPU ranks under torchrun, gloo), sharded (FSDP2) or not, runs the whole chain: its ranks generate, score and
     train, and torchrun's agent and the ranks must die with main. The sharded group also scores the old policy
     itself (old_logprobs=trainer): forward passes that every rank must run alike; killed once before its first
-    checkpoint (the resume replays) and once after it (the resume loads the checkpoint the ranks wrote)."""
-    group = "group" in how
+    checkpoint (the resume replays) and once after it (the resume loads the checkpoint the ranks wrote). Beside
+    two engine ranks (a torchrun group of their own that generates and scores while the trainer's learns, with the
+    weights broadcast from its rank 0), both groups' agents and ranks must die with main."""
+    group, engines = "group" in how, "engine ranks" in how
     args = [*TINY, "--model", tiny_model_dir, "--max_iterations", "2", "--checkpoint_every", "1",
             *(["--ranks", "2"] if group else []),
+            *(["--engine_ranks", "2", "--max_lag", "1"] if engines else []),
             *(["--shard", "true", "--old_logprobs", "trainer"] if "sharded" in how else [])]
     process = _start(args, {"GRPO_FAILPOINT": "checkpoint-write"} if how == "mid checkpoint write" else {})
     run_id = _run_id_of(process)
@@ -200,7 +204,7 @@ def test_killed_main_run_leaves_nothing_running_or_half_written(store, tiny_mode
         stage = "rollout-1" if "iteration 1" in how else "finetune-0"  # rollout-1 comes after checkpoint 0's save
         wait_until(lambda: stage in json.loads((Path("grpo_runs") / run_id / "state.json").read_text())["runs"],
                    stage, 300)
-        trainers = _trainer_pids(process.pid, 3 if group else 1)  # torchrun's agent and its two ranks, or one
+        trainers = _trainer_pids(process.pid, (6 if engines else 3) if group else 1)  # torchrun agents and ranks
         os.kill(process.pid, signal.SIGKILL)
         wait_until(lambda: not any(map(_alive, trainers)), "the trainer processes to die with main", 20)
     process.communicate(timeout=300)
