@@ -164,10 +164,10 @@ class EngineRanks:
         if fresh or self.channel is None:
             self.channel = self.meeting.spec()
         what = "handing the new weights to the engine ranks"
-        trainer._send({"op": "send_weights", "channel": self.channel}, what)
-        self.client._send({"op": "receive_weights", "channel": self.channel, "version": version}, what)
-        trainer._read(what)
-        self.client._read(what)
+        replies = [trainer.post({"op": "send_weights", "channel": self.channel}, what),
+                   self.client.post({"op": "receive_weights", "channel": self.channel, "version": version}, what)]
+        for reply in replies:  # both sides are in the broadcast together
+            reply()
 
     def close(self, kill: bool = False) -> None:
         self.client.close(kill)

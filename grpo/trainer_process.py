@@ -32,6 +32,7 @@ class TrainerClient:
 
     def __init__(self, timeout: float):
         self.timeout, self.process, self.lines = timeout, None, None
+        self.who = "the trainer process"  # or the engine ranks (role="engine"), in what main says of it
         self._cuda_buffer = None  # (handle, tensor) of the worker's shared weights buffer
 
     def start(self, model: str, optim, device: str, checkpoint: str, memory_fraction: float = 0.0,
@@ -44,6 +45,7 @@ class TrainerClient:
         from grpo import group as groups
 
         self.close(kill=True)
+        self.who = "the trainer process" if role == "trainer" else "the engine ranks"
         env = {**os.environ, "GRPO_PARENT_PID": str(os.getpid()), "GRPO_GROUP_DEVICE": device,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         if gpus is not None:
@@ -82,8 +84,8 @@ class TrainerClient:
             line = self.lines.get(timeout=timeout)
         except queue.Empty:
             self.close(kill=True)
-            raise TrainerError(f"{what}: no word from the trainer process for {timeout:g} s, so it was "
-                               "stopped (raise trainer_timeout if that is normal here); the run can be resumed") \
+            raise TrainerError(f"{what}: no word from {self.who} for {timeout:g} s, so main stopped "
+                               "it (raise trainer_timeout if that is normal here); the run can be resumed") \
                 from None
         if line is None:
             self._died(what)
@@ -97,11 +99,16 @@ class TrainerClient:
         self.process = None
         if code == -signal.SIGINT:  # Ctrl-C reached it before it could ignore it (while starting): the user's stop
             raise KeyboardInterrupt
-        raise TrainerError(f"{what}: the trainer process died (exit code {code}); its traceback is above")
+        raise TrainerError(f"{what}: {self.who} died (exit code {code}); the traceback is above")
 
     def ask(self, request: dict, what: str) -> dict:
         self._send(request, what)
         return self._read(what)
+
+    def post(self, request: dict, what: str):
+        """Send a request now; returns the function that reads its reply (two workers' requests at once)."""
+        self._send(request, what)
+        return lambda: self._read(what)
 
     def train(self, annotated: Path, iteration: int, seed: int, total_steps: int):
         """Sends the request now (the worker starts training while main goes on: max_lag) and returns a generator

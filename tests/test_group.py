@@ -295,5 +295,16 @@ def test_a_sharded_group_trains_checkpoints_resumes_as_one_process_and_feeds_eng
                                  "temperature": 0.7}, "scoring")["logprobs"]
     for got, want in zip(scored, score_completions(alone["model"], [rows[0]["prompt_ids"]] * 3, completions, 0.7)):
         assert got == pytest.approx(want, abs=1e-5)
-    engines.close()
+    # an engine rank that dies takes the engines' group down; main hears it at its next request, in one line
+    import signal
+
+    from grpo.errors import TrainerError
+
+    agent = engines.client.process.pid
+    ranks = [int(d.name) for d in Path("/proc").glob("[0-9]*") if _parent(d) == agent]
+    assert len(ranks) == 2
+    os.kill(ranks[1], signal.SIGKILL)
+    with pytest.raises(TrainerError, match="probe: the engine ranks died"):
+        engines.client.ask({"op": "engine_probe"}, "probe")
+    assert not engines.alive and resumed.alive
     resumed.close()
