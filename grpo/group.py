@@ -265,7 +265,7 @@ class GroupEngine:
 class GroupReference:
     """Main's view of the group as the reference model: `score_completions` as in grpo.scoring."""
 
-    def __init__(self, client, start, hand_over=None):
+    def __init__(self, client, start):
         self.client, self.start = client, start
 
     def score_completions(self, prompts, completions, temperature, progress=None) -> list[list[float]]:

@@ -148,7 +148,7 @@ class Workspace:
         if self.group:
             from grpo.group import GroupReference
 
-            return GroupReference(*self.group)
+            return GroupReference(*self.group[:2])  # (client, start): scoring needs no weights hand-over
         from grpo.scoring import load_reference
 
         return load_reference(self.cfg.policy.model, self.placement.reference)
