@@ -56,14 +56,16 @@ class StageRunner:
         metrics = self.state.done(stage.key)
         if metrics is None:
             started = time.perf_counter()
+            # Ctrl-C anywhere inside the stage's run (also while its parameters are logged) ends it KILLED; an
+            # interrupt that MLflow's own context manager saw would end it FAILED
             with mlflow.start_run(run_name=stage.key, nested=True, experiment_id=self.experiment_id,
-                                  tags={"grpo.stage": stage.name, "grpo.step": str(stage.step)}) as run:
+                                  tags={"grpo.stage": stage.name, "grpo.step": str(stage.step)}) as run, \
+                    tracking.killed_on_interrupt():
                 _failpoint(stage.key)  # the hardest moment: the run exists, the resume state does not know it yet
                 self.state.started(stage.key, run.info.run_id)
                 if stage.params:
                     tracking.log_params(stage.params)
-                with tracking.killed_on_interrupt():
-                    metrics = stage.body(run.info.run_id)
+                metrics = stage.body(run.info.run_id)
                 metrics["stage_seconds"] = time.perf_counter() - started
                 # recorded before MLflow ends the run: a kill between the two leaves a RUNNING run the state knows
                 # finished (the next process ends it FINISHED), never a FINISHED run a resume would run again
