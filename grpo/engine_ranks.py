@@ -21,6 +21,7 @@ from datetime import timedelta
 import torch
 
 from grpo.group import RankWork, world
+from grpo.model import serving_dtype
 
 
 def visible_gpus() -> list[str]:
@@ -37,11 +38,6 @@ def gpu_split(group) -> tuple[str, str]:
 
     gpus, engines = visible_gpus(), group.engine_ranks
     return ",".join(gpus[:engines]), ",".join(gpus[engines:engines + local_ranks(group)])
-
-
-def wire_dtype(device: str) -> torch.dtype:
-    """What the engines serve, so what crosses: bf16 on GPUs, float32 on CPUs."""
-    return torch.bfloat16 if device == "cuda" else torch.float32
 
 
 class Meeting:
@@ -82,7 +78,7 @@ class Channel:
         header = torch.tensor(list(json.dumps(layout).encode()), dtype=torch.uint8, device=self.device)
         self._broadcast(torch.tensor([header.numel()], dtype=torch.int64, device=self.device))
         self._broadcast(header)
-        dtype = wire_dtype(self.device)
+        dtype = serving_dtype(self.device)  # what the engines serve
         for (name, shape), (sent, tensor) in zip(layout, weights, strict=True):
             assert name == sent and list(tensor.shape) == shape, f"{sent} {list(tensor.shape)} is not {name} {shape}"
             self._broadcast(tensor.detach().to(device=self.device, dtype=dtype).contiguous())
@@ -91,7 +87,7 @@ class Channel:
         """(name, tensor) of each tensor rank 0 sends, as it arrives (an engine copies each before the next)."""
         size = self._broadcast(torch.zeros(1, dtype=torch.int64, device=self.device))
         header = self._broadcast(torch.empty(int(size.item()), dtype=torch.uint8, device=self.device))
-        dtype = wire_dtype(self.device)
+        dtype = serving_dtype(self.device)  # what the engines serve
         for name, shape in json.loads(bytes(header.tolist()).decode()):
             yield name, self._broadcast(torch.empty(shape, dtype=dtype, device=self.device))
 
@@ -140,7 +136,7 @@ class EngineRanks:
         training, with its replies in flight), and the resumed run starts them anew."""
         from grpo.config import Group
         from grpo.errors import TrainerError
-        from grpo.group import is_group, local_ranks
+        from grpo.group import local_ranks
 
         if self.started:
             raise TrainerError("the engine ranks stopped (their traceback is above); the run can be resumed")
@@ -149,7 +145,7 @@ class EngineRanks:
         self.client.start(self.cfg.policy.model, self.cfg.optim, placement.engine, "", 0.0, probe,
                           Group(ranks=group.engine_ranks), self.cfg.engine.generation_batch_size, role="engine",
                           gpus=gpu_split(group)[0] if placement.engine == "cuda" else None,
-                          sharing=local_ranks(group) if is_group(group) else 1)
+                          sharing=local_ranks(group))  # the trainer's processes (1 unless a group)
 
     def trainer_placement(self, placement) -> dict:
         """TrainerClient.start's gpus and sharing for the trainer beside these engines."""

@@ -190,13 +190,19 @@ def load_tokenizer(model: str):
     return tokenizer
 
 
-def load_model(model: str, device: str, dtype=None, checkpoint: str = ""):
-    """Causal LM in eval mode. `checkpoint` (a folder we saved) overrides the weights of `model`."""
+def serving_dtype(device: str):
+    """What engines serve in (and so what a hand-over carries): bf16 on a GPU, float32 on a CPU."""
     import torch
+
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def load_model(model: str, device: str, dtype=None, checkpoint: str = ""):
+    """Causal LM in eval mode, by default in the serving dtype. `checkpoint` (a folder we saved) overrides the
+    weights of `model`."""
     from transformers import AutoModelForCausalLM
 
-    if dtype is None:
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = dtype or serving_dtype(device)
     source = checkpoint or resolve(model)
     try:
         policy = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)

@@ -16,6 +16,7 @@ import torch
 from grpo.artifacts import checkpoint_info, state_once
 from grpo.checkpointing import CheckpointWriter
 from grpo.errors import DataError, NumericsError
+from grpo.model import serving_dtype
 from grpo.sharding import Filler, full_layout, full_weights, gradient_norm
 
 
@@ -313,7 +314,7 @@ class Trainer:
         tolerance with the engine serving the right weights)."""
         from grpo.scoring import pack, sequence_logprobs
 
-        dtype = dtype or (torch.bfloat16 if self.device == "cuda" else torch.float32)
+        dtype = dtype or serving_dtype(self.device)
         packed = pack([probe.prompt], [probe.completion], self.device)
         if self.sharded:  # a collective; FSDP computes in the serving dtype already (bf16 on a GPU)
             logprobs = self.scorer(packed, 1.0).float().tolist()
