@@ -183,6 +183,7 @@ def test_killed_at_every_stage_of_every_iteration_and_resumed_each_time(store, p
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["main only", "main of a trainer group beside two engine ranks at lag 1",
+                                 "main of a trainer group beside two engine ranks at lag 1 in iteration 1",
                                  "main of a sharded trainer group", "main of a sharded trainer group in iteration 1",
                                  "mid checkpoint write"])
 def test_killed_main_run_leaves_nothing_running_or_half_written(store, tiny_model_dir, how):
@@ -201,7 +202,8 @@ def test_killed_main_run_leaves_nothing_running_or_half_written(store, tiny_mode
     process = _start(args, {"GRPO_FAILPOINT": "checkpoint-write"} if how == "mid checkpoint write" else {})
     run_id = _run_id_of(process)
     if how.startswith("main"):  # the trainer must not outlive it (and race the resumed run's checkpoints)
-        stage = "rollout-1" if "iteration 1" in how else "finetune-0"  # rollout-1 comes after checkpoint 0's save
+        # after checkpoint 0's save: rollout-1, or at lag 1 (finetune-0 collected after rollout-1) finetune-1
+        stage = ("finetune-1" if engines else "rollout-1") if "iteration 1" in how else "finetune-0"
         wait_until(lambda: stage in json.loads((Path("grpo_runs") / run_id / "state.json").read_text())["runs"],
                    stage, 300)
         trainers = _trainer_pids(process.pid, (6 if engines else 3) if group else 1)  # torchrun agents and ranks
@@ -212,7 +214,7 @@ def test_killed_main_run_leaves_nothing_running_or_half_written(store, tiny_mode
     checkpoints = Path("grpo_runs") / run_id / "checkpoints"
     if how == "mid checkpoint write":  # the trainer killed the group between two files of a save
         assert list(checkpoints.glob(".tmp-iter-0000-*")) and not (checkpoints / "iter-0000").exists()
-    if "iteration 1" in how:  # the resume starts from the checkpoint the sharded ranks wrote
+    if "iteration 1" in how:  # the resume starts from the checkpoint the group's rank 0 or its shards wrote
         assert (checkpoints / "iter-0000" / CHECKPOINT_INFO).is_file()
     run_entry("main", *args, env={"MLFLOW_RUN_ID": run_id})
     _assert_one_clean_run(store, run_id, 2)
