@@ -22,6 +22,16 @@ if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test leaves os.environ as it found it: MLflow's in-process calls set variables (set_experiment sets
+    MLFLOW_EXPERIMENT_ID), which the next test's subprocesses, on another store, would inherit."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def blank_store(tmp_path_factory) -> Path:
     """An empty MLflow SQLite store with its tables made once (MLflow's migrations take seconds per store)."""
