@@ -92,6 +92,9 @@ class StageRunner:
 def _failpoint(key: str) -> None:
     """Tests: GRPO_FAILPOINT=kill-at:<stage key> SIGKILLs the whole process group as that stage starts, the way
     a machine failure or OOM killer would end the run; kill-at:<stage key>/recorded, once the resume state has
-    it done and before MLflow ends its run."""
+    it done and before MLflow ends its run; stop-at:<stage key> stops main alone (SIGSTOP) as that stage starts,
+    for a test to kill it there while its trainer is alive."""
     if os.environ.get("GRPO_FAILPOINT") == f"kill-at:{key}":
         os.killpg(os.getpgid(0), signal.SIGKILL)
+    if os.environ.get("GRPO_FAILPOINT") == f"stop-at:{key}":
+        os.kill(os.getpid(), signal.SIGSTOP)
