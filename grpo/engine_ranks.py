@@ -152,9 +152,10 @@ class EngineRanks:
         return {"gpus": gpu_split(self.cfg.group)[1] if placement.trainer == "cuda" else None,
                 "sharing": self.cfg.group.engine_ranks}
 
-    def send(self, trainer, version: int, fresh: bool = False) -> None:
-        """The trainer's weights to every engine: its rank 0 broadcasts, the engines receive. fresh: the trainer
-        or the engines were (re)started, so they meet in a new group."""
+    def send(self, trainer, version: int, fresh: bool = False) -> float:
+        """The trainer's weights to every engine: its rank 0 broadcasts, the engines receive; the seconds rank 0
+        took (gathering a sharded trainer's tensors included). fresh: the trainer or the engines were
+        (re)started, so they meet in a new group."""
         if self.meeting is None:
             self.meeting = Meeting(self.cfg.group.engine_ranks)
         if fresh or self.channel is None:
@@ -162,8 +163,8 @@ class EngineRanks:
         what = "handing the new weights to the engine ranks"
         replies = [trainer.post({"op": "send_weights", "channel": self.channel}, what),
                    self.client.post({"op": "receive_weights", "channel": self.channel, "version": version}, what)]
-        for reply in replies:  # both sides are in the broadcast together
-            reply()
+        sent, _ = [reply() for reply in replies]  # both sides are in the broadcast together
+        return sent["sent"]
 
     def close(self, kill: bool = False) -> None:
         self.client.close(kill)

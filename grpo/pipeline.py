@@ -29,7 +29,7 @@ PARENT_METRICS = {
     "finetune": {"kl": "last_kl", "train_tokens_per_s": "train_tokens_per_s", "trainer_peak_gpu_gib": "peak_gpu_gib",
                  "sampler_gap_mean": "sampler_gap_mean", "sampler_gap_max": "sampler_gap_max",
                  "sampler_outside_clip": "sampler_outside_clip", "weights_handoff_seconds": "handoff_seconds",
-                 "policy_lag": "policy_lag"},
+                 "weights_broadcast_seconds": "broadcast_seconds", "policy_lag": "policy_lag"},
     "evaluate": {f"{split}_{m}": f"{split}_{m}" for split in ("val", "test")
                  for m in ("accuracy", "boxed_rate", "completion_tokens_mean")},
 }
@@ -62,6 +62,7 @@ class Chain:
         self.saved = self.trained - 1  # the newest iteration whose checkpoint exists or is being written
         self.pending: tuple[int, object] | None = None  # (iteration, replies) of a finetune sent to the trainer
         self.floor: float | None = None  # probe gap between engine and trainer on the same weights
+        self.broadcast_seconds = 0.0  # the last broadcast of the weights to the engine ranks
 
     def path(self, kind: str, i: int) -> Path:
         return self.folder / kind / f"iter-{i:04d}.jsonl"
@@ -104,23 +105,32 @@ class Chain:
 
     # --- the trainer and the engine ---
 
-    def start_trainer(self) -> None:
-        """The trainer (and the engine ranks) started if they are not running; started engines, or engines beside
-        a started trainer, get the trainer's weights."""
-        p, group, started = self.ws.placement, self.cfg.group, False
-        if self.engines is not None and not self.engines.alive:
-            self.engines.start(p, self.ws.probe)
-            started = True
-        if not self.trainer.alive:
-            if group.nodes > 1:
-                from grpo.group import join_command
+    def launch_trainer(self) -> None:
+        """Start the trainer process (or group) unless it runs, and go on while it loads: main's first stages
+        hide its imports and model load."""
+        p, group = self.ws.placement, self.cfg.group
+        if self.trainer.alive:
+            return
+        if group.nodes > 1:
+            from grpo.group import join_command
 
-                say(f"grpo main: waiting for the other {group.nodes - 1} machine(s) of the trainer group; on each, "
-                    f"in this project with the same environment, run: {join_command(group)}")
-            self.trainer.start(self.cfg.policy.model, self.cfg.optim, p.trainer, self.checkpoint,
-                               0.0 if self.grouped or self.engines else p.trainer_memory_fraction, self.ws.probe,
-                               group, self.cfg.engine.generation_batch_size,
-                               **(self.engines.trainer_placement(p) if self.engines else {}))
+            say(f"grpo main: waiting for the other {group.nodes - 1} machine(s) of the trainer group; on each, "
+                f"in this project with the same environment, run: {join_command(group)}")
+        self.trainer.launch(self.cfg.policy.model, self.cfg.optim, p.trainer, self.checkpoint,
+                            0.0 if self.grouped or self.engines else p.trainer_memory_fraction, self.ws.probe,
+                            group, self.cfg.engine.generation_batch_size,
+                            **(self.engines.trainer_placement(p) if self.engines else {}))
+
+    def start_trainer(self) -> None:
+        """The trainer (and the engine ranks) started if they are not running, and ready; started engines, or
+        engines beside a started trainer, get the trainer's weights."""
+        started = False
+        if self.engines is not None and not self.engines.alive:
+            self.launch_trainer()  # it loads while the engines do
+            self.engines.start(self.ws.placement, self.ws.probe)
+            started = True
+        self.launch_trainer()
+        if self.trainer.ready() is not None:
             started = True
         if started and self.engines is not None:
             self.engines.send(self.trainer, self.trained, fresh=True)
@@ -130,7 +140,7 @@ class Chain:
             self.floor = probe_gap(self.ws.engine.probe_logprobs(self.ws.probe), self.trainer.probe()[0])
 
     def send_weights(self, version: int) -> None:
-        self.engines.send(self.trainer, version)
+        self.broadcast_seconds = self.engines.send(self.trainer, version)
 
     def close(self, kill: bool = False) -> None:
         self.trainer.close(kill)
@@ -150,6 +160,8 @@ class Chain:
         expected, precision = self.trainer.probe()
         floor = max(self.floor or 0.0, precision)
         report = publish(self.ws.engine, self.trainer.weights, self.trained, self.ws.probe, expected, floor)
+        if self.engines is not None:  # of the hand-off: the broadcast alone (the rest is the probe)
+            report["broadcast_seconds"] = self.broadcast_seconds
         return report | {"probe_floor": floor}
 
     def replay(self, done) -> None:
@@ -162,6 +174,13 @@ class Chain:
             drain(self.trainer.train(self.path("annotated", i), i, self.cfg.loop.seed, self.planned_steps()))
             self.trained = i + 1
             self.hand_over()
+            if self.checkpoint_due(i):  # the save the killed run had not finished: the next kill replays less
+                self.save(i)
+
+    def checkpoint_due(self, i: int) -> bool:
+        """Whether the run keeps a checkpoint of iteration i: every checkpoint_every iterations, and the last."""
+        loop = self.cfg.loop
+        return (i + 1) % loop.checkpoint_every == 0 or i + 1 == loop.max_iterations
 
     def export_policy(self, folder: Path) -> None:
         """The policy the engine serves now, as a bf16 Hugging Face folder (for a logged model)."""
@@ -310,6 +329,9 @@ def _loop(cfg, chain: Chain, state: RunState) -> dict:
     from grpo.workspace import check_placement
 
     check_placement(cfg)  # again: the sweep calls run_main without main's entry point
+    if chain.trained < loop.max_iterations:  # the trainer loads while main evaluates and samples
+        chain.ws.engine  # built first: vLLM sizes its KV cache from the GPU memory free as it starts
+        chain.launch_trainer()
     chain.replay(state.done)
     evaluations = [evaluate(0)]
     i = chain.trained
@@ -319,7 +341,7 @@ def _loop(cfg, chain: Chain, state: RunState) -> dict:
     def collect(j: int) -> None:  # finetune j (sent now, or before by submit), its checkpoint and evaluation if due
         run(Stage(f"finetune-{j}", j, lambda r: chain.finetune(j, r), PARENT_METRICS["finetune"],
                   cfg.as_params("finetune") | {"annotated": str(chain.path("annotated", j))}))
-        if (j + 1) % loop.checkpoint_every == 0 or j + 1 == loop.max_iterations:
+        if chain.checkpoint_due(j):
             chain.save(j)
         if due(j + 1):
             evaluations.append(evaluate(j + 1))

@@ -34,14 +34,26 @@ class TrainerClient:
         self.timeout, self.process, self.lines = timeout, None, None
         self.who = "the trainer process"  # or the engine ranks (role="engine"), in what main says of it
         self._cuda_buffer = None  # (handle, tensor) of the worker's shared weights buffer
+        self.loading = ""  # what the worker is doing while main has not yet read its ready reply
 
-    def start(self, model: str, optim, device: str, checkpoint: str, memory_fraction: float = 0.0,
-              probe=None, group=None, batch_size: int = 64, role: str = "trainer", gpus: str | None = None,
-              sharing: int = 0) -> dict:
-        """One trainer process, or with group.ranks != 1 or group.nodes > 1 a trainer group under torchrun
-        (grpo.group) whose ranks also generate (batch_size sequences at once) and score for the reference.
-        role="engine": engine ranks instead (grpo.engine_ranks; group.ranks of them), which never train. gpus: the
-        CUDA_VISIBLE_DEVICES they get; sharing: processes started beside them that share the CPU cores."""
+    def start(self, *args, **kwargs) -> dict:
+        """`launch`, then wait until the worker is ready; its ready reply."""
+        self.launch(*args, **kwargs)
+        return self.ready()
+
+    def ready(self) -> dict | None:
+        """Wait for a launched worker's ready reply (None when it was read before)."""
+        what, self.loading = self.loading, ""
+        return self._read(what, timeout=max(self.timeout, 300)) if what else None  # imports and a model load
+
+    def launch(self, model: str, optim, device: str, checkpoint: str, memory_fraction: float = 0.0,
+               probe=None, group=None, batch_size: int = 64, role: str = "trainer", gpus: str | None = None,
+               sharing: int = 0) -> None:
+        """Start one trainer process, or with group.ranks != 1 or group.nodes > 1 a trainer group under torchrun
+        (grpo.group) whose ranks also generate (batch_size sequences at once) and score for the reference, and
+        return while it loads (`ready` waits for it). role="engine": engine ranks instead (grpo.engine_ranks;
+        group.ranks of them), which never train. gpus: the CUDA_VISIBLE_DEVICES they get; sharing: processes
+        started beside them that share the CPU cores."""
         from grpo import group as groups
 
         self.close(kill=True)
@@ -64,8 +76,7 @@ class TrainerClient:
                     "checkpoint": checkpoint, "shard": shard, "memory_fraction": memory_fraction,
                     "batch_size": batch_size,
                     "probe": dataclasses.asdict(probe) if probe else None}, "loading the policy")
-        return self._read("loading the policy" if role == "trainer" else "loading the engines",
-                          timeout=max(self.timeout, 300))  # imports and a model load
+        self.loading = "loading the policy" if role == "trainer" else "loading the engines"
 
     @property
     def alive(self) -> bool:
@@ -161,6 +172,7 @@ class TrainerClient:
                 self.process.kill()
         self.process = None
         self._cuda_buffer = None
+        self.loading = ""
 
 
 def _pump(stream, lines: queue.Queue) -> None:
