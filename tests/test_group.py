@@ -155,7 +155,10 @@ def test_a_trainer_process_that_ctrl_c_killed_while_starting_is_an_interrupt_not
     Main must then end the run as interrupted (KILLED, with the resume line), not report a broken trainer."""
     from grpo.errors import TrainerError
 
-    for code, expected in (("import os, signal; os.kill(os.getpid(), signal.SIGINT)", KeyboardInterrupt),
+    # with SIGINT's default action (a shell's background job inherits it ignored)
+    dies_of_sigint = ("import os, signal; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                      "os.kill(os.getpid(), signal.SIGINT)")
+    for code, expected in ((dies_of_sigint, KeyboardInterrupt),
                            ("raise SystemExit(3)", TrainerError)):
         client = TrainerClient(timeout=5)
         client.process = subprocess.Popen([sys.executable, "-c", code])
