@@ -169,10 +169,8 @@ def test_killed_at_every_stage_of_every_iteration_and_resumed_each_time(store, p
     for failpoint, stage in kill_points:
         process = _start(args, {**env, "GRPO_FAILPOINT": failpoint, **({"MLFLOW_RUN_ID": run_id} if run_id else {})})
         if failpoint.startswith("stop-at:"):  # main stopped itself at the stage: kill it alone
-            wait_until(lambda: _state(process) == "T", f"main to stop at {stage}", 300)
-            trainers = _trainer_pids(process.pid, 1)
-            os.kill(process.pid, signal.SIGKILL)
-            wait_until(lambda: not any(map(_alive, trainers)), "the trainer to die with main", 20)
+            wait_until(lambda: _state(process.pid) == "T", f"main to stop at {stage}", 300)
+            _kill_main_alone(process, 1)
         _, err = process.communicate(timeout=600)
         assert process.returncode == -signal.SIGKILL, f"{failpoint}: {err[-2000:]}"
         run_id, said = run_id or _run_id_of(process), said + err
@@ -210,20 +208,18 @@ def test_killed_main_of_a_group_leaves_nothing_running_and_resumes(store, tiny_m
     args = [*TINY, "--model", tiny_model_dir, "--max_iterations", "2", "--checkpoint_every", "1", "--ranks", "2",
             *(["--engine_ranks", "2", "--max_lag", "1"] if engines else
               ["--shard", "true", "--old_logprobs", "trainer"])]
-    run_id, checkpoint = None, None
+    run_id = None
     # main stops itself as the stage starts, and is killed there alone; the second time after checkpoint 0's save
     # (at rollout-1, or at lag 1, where finetune-0 is collected after rollout-1, at finetune-1), which the group
     # writes in the background while main is stopped
     for stage in ("finetune-0", "finetune-1" if engines else "rollout-1"):
         process = _start(args, {"GRPO_FAILPOINT": f"stop-at:{stage}", **({"MLFLOW_RUN_ID": run_id} if run_id else {})})
         run_id = run_id or _run_id_of(process)
-        wait_until(lambda: _state(process) == "T", f"main to stop at {stage}", 300)
+        wait_until(lambda: _state(process.pid) == "T", f"main to stop at {stage}", 300)
         if stage != "finetune-0":
-            checkpoint = Path("grpo_runs") / run_id / "checkpoints" / "iter-0000"
-            wait_until(lambda: (checkpoint / CHECKPOINT_INFO).is_file(), "checkpoint 0", 120)
-        trainers = _trainer_pids(process.pid, 6 if engines else 3)  # torchrun agents and ranks
-        os.kill(process.pid, signal.SIGKILL)
-        wait_until(lambda: not any(map(_alive, trainers)), "the trainer processes to die with main", 20)
+            info = Path("grpo_runs") / run_id / "checkpoints" / "iter-0000" / CHECKPOINT_INFO
+            wait_until(info.is_file, "checkpoint 0", 120)
+        _kill_main_alone(process, 6 if engines else 3)  # torchrun agents and ranks
         process.communicate(timeout=300)
         assert process.returncode == -signal.SIGKILL
     said = run_entry("main", *args, env={"MLFLOW_RUN_ID": run_id}).stderr
@@ -243,9 +239,16 @@ def _trainer_pids(main_pid: int, count: int) -> list[int]:
     return wait_until(find, f"{count} trainer processes", 120)
 
 
-def _state(process) -> str:
+def _kill_main_alone(process, trainers: int) -> None:
+    """SIGKILL main alone; its `trainers` trainer processes (a trainer, or torchrun agents and ranks) must die
+    with it, and not race the resumed run's checkpoints."""
+    pids = _trainer_pids(process.pid, trainers)
+    os.kill(process.pid, signal.SIGKILL)
+    wait_until(lambda: not any(map(_alive, pids)), "the trainer processes to die with main", 20)
+
+
+def _state(pid: int) -> str:
     """A process's state letter in /proc (R running, S sleeping, T stopped, Z zombie), "X" once it is gone."""
-    pid = process if isinstance(process, int) else process.pid
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
