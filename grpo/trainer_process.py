@@ -62,6 +62,10 @@ class TrainerClient:
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         if gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpus
+        if device == "cuda":
+            from grpo.checkpointing import host_allocator_conf
+
+            env["PYTORCH_CUDA_ALLOC_CONF"] = host_allocator_conf(os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
         cmd = [sys.executable, "-m", "grpo.trainer_process"]
         grouped = group is not None and groups.is_group(group)
         if grouped:  # torchrun, started by a process that dies with main

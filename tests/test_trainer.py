@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from grpo.artifacts import CHECKPOINT_INFO, checkpoint_info
-from grpo.checkpointing import OPTIMIZER_STATE
+from grpo.checkpointing import OPTIMIZER_STATE, PINNED_BY_REGISTER, host_allocator_conf
 from grpo.config import Config, Optim
 from grpo.errors import DataError, NumericsError
 from grpo.model import load_model
@@ -161,6 +161,15 @@ def test_background_checkpoint_is_complete_and_resumes_step_and_optimizer(tiny_m
     later = tmp_path / "run" / "checkpoints" / "iter-0001"
     trainer.save(later, background=False)
     assert not target.exists() and json.loads((later / CHECKPOINT_INFO).read_text())["global_step"] == 4
+
+
+@pytest.mark.parametrize("user, expected", [
+    ("", PINNED_BY_REGISTER),
+    ("expandable_segments:True", "expandable_segments:True," + PINNED_BY_REGISTER),
+    ("pinned_use_background_threads:True", "pinned_use_background_threads:True"),  # the user chose how to pin
+])
+def test_trainer_processes_pin_host_memory_by_registering_it(user, expected):
+    assert host_allocator_conf(user) == expected
 
 
 def test_trainer_old_logprobs_and_the_sampler_gap(tiny_model_dir, tokenizer):
