@@ -214,11 +214,12 @@ class Group(Section):
     trainer_gpu: int = knob(-1, "With one trainer process (ranks=1): -1 = it shares GPU 0 with main's engine, split "
                             "by gpu_memory_utilization; N >= 1 = it trains on GPU N, a card of its own, and the "
                             "engine keeps GPU 0 (with max_lag=1 the two then generate and train at once).", low=-1)
-    engine_ranks: int = knob(0, "Rollout engines in processes of their own, one per GPU (the first E GPUs; the trainer "
-                             "takes the next ones), each generating and scoring for the reference its share of every "
-                             "request; after each finetune the trainer's rank 0 broadcasts the new weights to them "
-                             "(NCCL; gloo on CPUs). With max_lag=1 they sample iteration i+1 while the trainer learns "
-                             "from i. 0 = main's own engine, or a trainer group's ranks generate.", low=0)
+    engine_ranks: int = knob(0, "Rollout engines in processes of their own, one per GPU (the first E GPUs of main's "
+                             "machine; the trainer takes the next ones, and with nodes > 1 the other machines'), "
+                             "each generating and scoring for the reference its share of every request; after each "
+                             "finetune the trainer's rank 0 broadcasts the new weights to them (NCCL; gloo on CPUs). "
+                             "With max_lag=1 they sample iteration i+1 while the trainer learns from i. 0 = main's "
+                             "own engine, or a trainer group's ranks generate.", low=0)
     shard: bool = knob(False, "FSDP2 for a trainer group (ranks > 1 or nodes > 1): each rank keeps 1/N of the float32 "
                        "weights, gradients and AdamW state (16 bytes a parameter in all: 128 GB for an 8B model) "
                        "instead of all of them, for a policy too big to train on one GPU; each rank still serves "
@@ -230,10 +231,6 @@ class Group(Section):
         if self.engine_ranks and self.trainer_gpu > 0:
             raise ConfigError(f"engine_ranks={self.engine_ranks} places the trainer on the GPUs after the engines'; "
                               "pass trainer_gpu=-1")
-        if self.engine_ranks and self.nodes > 1:
-            raise ConfigError(f"engine_ranks={self.engine_ranks} with nodes={self.nodes}: engine ranks beside a "
-                              "trainer group of several machines are not built yet; pass engine_ranks=0 (the ranks "
-                              "then generate) or nodes=1")
         if self.nodes > 1 and ":" not in self.rendezvous:
             raise ConfigError(f"nodes={self.nodes} needs rendezvous=HOST:PORT (an address of this machine that "
                               "the others reach, and a free port)")

@@ -79,7 +79,35 @@ def setup() -> tuple[int, int]:
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=12))
+    if int(os.environ.get("GROUP_RANK", "0")) != 0:  # torchrun's node rank: a machine other than main's
+        exit_without_main_machine()
     return dist.get_rank(), size
+
+
+def exit_without_main_machine(every: float = 10.0) -> None:
+    """End this process when main's machine is gone. Ranks there die with main (torchrun's agent dies with it),
+    but a rank on another machine waiting in an NCCL collective for rank 0 may wait out the group's 12-hour
+    timeout, holding its GPU: a thread pings the group's TCP store, which torchrun serves from main's machine,
+    and exits when it stops answering."""
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=max(30.0, 3 * every)))
+
+    def watch():
+        while True:
+            time.sleep(every)
+            try:
+                store.add("grpo-heartbeat", 1)
+            except Exception:  # the store's connection error (DistNetworkError, DistStoreError: RuntimeErrors)
+                print("grpo trainer rank: main's machine stopped answering (its torchrun store is gone); exiting",
+                      file=sys.stderr, flush=True)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="main-machine-watch", daemon=True).start()
 
 
 def world() -> tuple[int, int]:

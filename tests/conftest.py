@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -154,6 +155,13 @@ def wait_until(predicate, what: str, timeout: float = 60):
             pass
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def free_port() -> int:
+    """A port of this host that nothing listens on (once the probing socket is closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_entry(stage: str, *args: str, env: dict | None = None, timeout: int = 900, check: bool = True):

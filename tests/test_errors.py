@@ -1,11 +1,10 @@
 """Bad input gets one clear line naming the fix, a non-zero exit, and it comes at once: before any work, and
 in seconds where a server or hub does not answer (short timeouts set here, the defaults are 10 s)."""
 import json
-import socket
 import time
 
 import pytest
-from conftest import last_line, run_entry
+from conftest import free_port, last_line, run_entry
 
 from grpo.tracking import redact
 
@@ -22,11 +21,6 @@ def _fails_fast(stage, *args, env=None, seconds=60):
     return last_line(done)
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens there once the socket is closed
-
 
 def test_unknown_hub_model_offline_is_one_line(store):
     line = _fails_fast("evaluate", "--model", "no-such-org/no-such-model", "--limit", "1",
@@ -36,7 +30,7 @@ def test_unknown_hub_model_offline_is_one_line(store):
 
 def test_unreachable_hub_is_one_line_in_seconds(store):
     line = _fails_fast("evaluate", "--model", "no-such-org/no-such-model", "--limit", "1", seconds=45,
-                       env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"})
+                       env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"})
     assert "cannot reach the Hugging Face hub for model 'no-such-org/no-such-model'" in line and "offline?" in line
 
 
@@ -84,7 +78,7 @@ def test_prompt_past_the_models_context_is_refused_before_any_work(store, tiny_m
 ])
 def test_unusable_tracking_store_is_one_line_in_seconds(tmp_path, uri, expected):
     (tmp_path / "file").write_text("not a folder")
-    uri = uri.format(tmp=tmp_path, port=_closed_port())
+    uri = uri.format(tmp=tmp_path, port=free_port())
     line = _fails_fast("evaluate", "--limit", "1", env={"MLFLOW_TRACKING_URI": uri}, seconds=30)
     assert expected in line and "hunter2" not in line
 
@@ -111,7 +105,7 @@ def test_sweep_objective_that_does_not_exist_is_refused_before_any_trial(store):
 
 
 def test_credentials_never_reach_lines_or_params(store, tmp_path):
-    done = run_entry("sweep", "--storage", f"postgresql+psycopg://u:hunter2@127.0.0.1:{_closed_port()}/optuna",
+    done = run_entry("sweep", "--storage", f"postgresql+psycopg://u:hunter2@127.0.0.1:{free_port()}/optuna",
                      "--n_trials", "1", env=FAST, check=False)
     assert done.returncode != 0 and "hunter2" not in done.stderr and "u:***@" in last_line(done)
     assert redact("postgresql://me:pa:ss@db/x?password=abc&x=1") == "postgresql://me:***@db/x?password=***&x=1"

@@ -3,7 +3,6 @@ real torchrun: two ranks must train to the same weights as one process, and gene
 does; two rendezvous agents on this host stand in for two machines, and a rank killed takes the group down.
 Sharded (FSDP2), two ranks train, checkpoint and resume as one process does, and feed two engine ranks by broadcast."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from conftest import free_port
 
 from grpo.artifacts import checkpoint_path, write_jsonl
 from grpo.config import Config, Group, Optim
@@ -86,7 +87,7 @@ def test_two_ranks_train_generate_and_score_as_one_process(alone, tiny_model_dir
     monkeypatch.setenv("GRPO_CPU_BF16", "0")  # float32 on both sides: sums differ only in their order
     model, rows, annotated = alone["model"], alone["rows"], alone["folder"] / "annotated.jsonl"
     # two machines: main's node 0 and a second rendezvous agent on this host as node 1, one rank each
-    group = Group(ranks=1, nodes=2, rendezvous=f"127.0.0.1:{_free_port()}")
+    group = Group(ranks=1, nodes=2, rendezvous=f"127.0.0.1:{free_port()}")
     command = join_command(group).replace("--node-rank K", "--node-rank 1").split()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     node1 = subprocess.Popen([sys.executable, *command[1:]], stdin=subprocess.DEVNULL, env=env)
@@ -131,10 +132,26 @@ def _parent(proc: Path) -> int:
         return -1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def test_a_rank_on_another_machine_exits_when_main_machines_store_goes():
+    """Under NCCL a rank waiting for rank 0 may not notice that main's machine died: it watches torchrun's store
+    there (a real TCPStore in a process of its own, killed as main's machine would be)."""
+    import time
+
+    server = subprocess.Popen([sys.executable, "-c", "import time, torch.distributed as d\n"
+                               "s = d.TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False)\n"
+                               "print(s.port, flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    port = server.stdout.readline().strip()
+    watcher = subprocess.Popen([sys.executable, "-c", "import time; from grpo.group import exit_without_main_machine\n"
+                                "exit_without_main_machine(every=0.2); time.sleep(600)"], stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                               "PYTHONPATH": str(ROOT)})
+    time.sleep(2)
+    assert watcher.poll() is None  # pinged ten times: the store answers
+    server.kill()
+    server.wait()
+    _, said = watcher.communicate(timeout=60)
+    assert watcher.returncode == 1 and "main's machine stopped answering" in said
 
 
 def test_more_ranks_than_gpus_is_one_line():

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import ROOT, last_line, run_entry, runs_of, wait_until
+from conftest import ROOT, free_port, last_line, run_entry, runs_of, wait_until
 
 from grpo.artifacts import CHECKPOINT_INFO
+from grpo.config import Group
+from grpo.group import join_command
 
 TINY = ["--backend", "hf", "--problems", "2", "--attempts", "4", "--max_new_tokens", "8", "--eval_limit", "4",
         "--val_limit", "4", "--train_batch_size", "4", "--gradient_accumulation_passes", "2", "--trace_samples", "0"]
@@ -195,35 +197,48 @@ def test_killed_at_every_stage_of_every_iteration_and_resumed_each_time(store, p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["a trainer group beside two engine ranks at lag 1", "a sharded trainer group"])
+@pytest.mark.parametrize("how", ["a two-machine trainer group beside two engine ranks at lag 1",
+                                 "a sharded trainer group"])
 def test_killed_main_of_a_group_leaves_nothing_running_and_resumes(store, tiny_model_dir, how):
     """Main of a trainer group (two CPU ranks under torchrun, gloo) killed twice, each time resumed, the last
     resume to the end: torchrun's agents and the ranks must die with main. Killed once before the first
     checkpoint and once after it (the resume loads the checkpoint that the group's rank 0 or, sharded (FSDP2), its
     ranks wrote). The sharded group also scores the old policy itself (old_logprobs=trainer): forward passes that
-    every rank must run alike. Beside two engine ranks (a torchrun group of their own that generates and scores
-    while the trainer's learns, with the weights broadcast from its rank 0), both groups' agents and ranks must
-    die with main."""
+    every rank must run alike. The other group spans two machines (two rendezvous agents on this host, one rank
+    each, the second started with the command main prints) beside two engine ranks on main's machine (a torchrun
+    group of their own that generates and scores while the trainer's learns, with the weights broadcast from its
+    rank 0): both groups' agents and ranks must die with main, the other machine's too."""
     engines = "engine ranks" in how
-    args = [*TINY, "--model", tiny_model_dir, "--max_iterations", "2", "--checkpoint_every", "1", "--ranks", "2",
-            *(["--engine_ranks", "2", "--max_lag", "1"] if engines else
-              ["--shard", "true", "--old_logprobs", "trainer"])]
+    group = Group(ranks=1, nodes=2, rendezvous=f"127.0.0.1:{free_port()}")
+    args = [*TINY, "--model", tiny_model_dir, "--max_iterations", "2", "--checkpoint_every", "1",
+            *(["--engine_ranks", "2", "--max_lag", "1", "--ranks", "1", "--nodes", "2", "--rendezvous",
+               group.rendezvous] if engines else ["--ranks", "2", "--shard", "true", "--old_logprobs", "trainer"])]
+    other_machine = lambda: subprocess.Popen(  # noqa: E731 (node 1 of the trainer group, as a user starts it)
+        [sys.executable, *join_command(group).replace("--node-rank K", "--node-rank 1").split()[1:]],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}) if engines else None
     run_id = None
     # main stops itself as the stage starts, and is killed there alone; the second time after checkpoint 0's save
     # (at rollout-1, or at lag 1, where finetune-0 is collected after rollout-1, at finetune-1), which the group
     # writes in the background while main is stopped
     for stage in ("finetune-0", "finetune-1" if engines else "rollout-1"):
+        node1 = other_machine()
         process = _start(args, {"GRPO_FAILPOINT": f"stop-at:{stage}", **({"MLFLOW_RUN_ID": run_id} if run_id else {})})
         run_id = run_id or _run_id_of(process)
         wait_until(lambda: _state(process.pid) == "T", f"main to stop at {stage}", 300)
         if stage != "finetune-0":
             info = Path("grpo_runs") / run_id / "checkpoints" / "iter-0000" / CHECKPOINT_INFO
             wait_until(info.is_file, "checkpoint 0", 120)
-        _kill_main_alone(process, 6 if engines else 3)  # torchrun agents and ranks
+        _kill_main_alone(process, 5 if engines else 3)  # torchrun agents and ranks on main's machine
         process.communicate(timeout=300)
         assert process.returncode == -signal.SIGKILL
+        if node1:  # the other machine's rank loses the group, and its agent exits
+            assert node1.wait(timeout=120) != 0
+    node1 = other_machine()
     said = run_entry("main", *args, env={"MLFLOW_RUN_ID": run_id}).stderr
     assert "replaying" not in said  # it started from the checkpoint
+    if node1:
+        assert node1.wait(timeout=120) == 0  # main closed the group: the other machine's agent ends cleanly
     client, _ = _assert_one_clean_run(store, run_id, 2)
     if engines:  # the hand-off's broadcast, timed apart from its probe
         metrics = client.get_run(run_id).data.metrics

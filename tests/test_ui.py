@@ -4,7 +4,6 @@ there this test runs or fails; elsewhere it skips when no browser is installed."
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -12,15 +11,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import ROOT, run_entry, wait_until
+from conftest import ROOT, free_port, run_entry, wait_until
 
 SCREENSHOTS = ROOT / "test-artifacts"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _browser():
@@ -55,7 +49,7 @@ def test_experiment_page_lists_nested_runs_and_renders_accuracy_chart(store, tin
     (main,) = [r for r in runs if r.data.tags.get("grpo.stage") == "main"]
     (sweep,) = [r for r in runs if r.data.tags.get("grpo.stage") == "sweep"]
     experiment = main.info.experiment_id
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host",
                                "127.0.0.1", "--port", str(port), "--workers", "1"], stdout=log, stderr=log,
