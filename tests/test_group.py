@@ -135,19 +135,19 @@ def _parent(proc: Path) -> int:
 
 def test_a_rank_on_another_machine_exits_when_main_machines_store_goes():
     """Under NCCL a rank waiting for rank 0 may not notice that main's machine died: it watches torchrun's store
-    there (a real TCPStore in a process of its own, killed as main's machine would be)."""
-    import time
-
+    there (a real TCPStore in a process of its own, which counts the pings, killed as main's machine would be)."""
     server = subprocess.Popen([sys.executable, "-c", "import time, torch.distributed as d\n"
                                "s = d.TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False)\n"
-                               "print(s.port, flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+                               "print(s.port, flush=True)\n"
+                               "while True: print(s.add('grpo-heartbeat', 0), flush=True); time.sleep(0.05)"],
+                              stdout=subprocess.PIPE, text=True)
     port = server.stdout.readline().strip()
     watcher = subprocess.Popen([sys.executable, "-c", "import time; from grpo.group import exit_without_main_machine\n"
                                 "exit_without_main_machine(every=0.2); time.sleep(600)"], stderr=subprocess.PIPE,
                                text=True, env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                                                "PYTHONPATH": str(ROOT)})
-    time.sleep(2)
-    assert watcher.poll() is None  # pinged ten times: the store answers
+    while int(server.stdout.readline()) < 3:  # the watcher has started and pinged three times
+        assert watcher.poll() is None  # and stays while the store answers
     server.kill()
     server.wait()
     _, said = watcher.communicate(timeout=60)
