@@ -206,7 +206,8 @@ class Group(Section):
     ranks: int = knob(1, "Trainer processes on this machine. 1 = one trainer process beside main's engine "
                       "(colocated on one GPU); N > 1 = a torchrun group of N ranks, one per GPU, each generating, "
                       "scoring for the reference and training on its share (gradients summed over NCCL; gloo "
-                      "on CPUs); 0 = one rank per visible GPU (those that engine_ranks leave).", low=0)
+                      "on CPUs); 0 = one rank per visible GPU (those that engine_ranks leave; with nodes > 1 "
+                      "the other machines run one per GPU they have).", low=0)
     nodes: int = knob(1, "Machines in the trainer group. With N > 1, main's machine is node 0 and prints the "
                       "command that each other machine runs to join; work_dir must be on a filesystem all of "
                       "them see.", low=1)

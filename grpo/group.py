@@ -35,8 +35,15 @@ def launch_command(group, node_rank: int | str = 0) -> list[str]:
 
 
 def join_command(group) -> str:
-    """What to run on each other machine (node k = 1..nodes-1) to join main's trainer group."""
-    return " ".join(["python", *launch_command(group, node_rank="K")[1:]])
+    """What to run on each other machine (node k = 1..nodes-1) to join main's trainer group. With ranks=0 on a
+    GPU machine, each runs one rank per GPU it has (torchrun's `gpu`: machines may differ, and engine ranks take
+    GPUs of main's machine only); otherwise `ranks` each."""
+    import torch
+
+    cmd = ["python", *launch_command(group, node_rank="K")[1:]]
+    if not group.ranks and torch.cuda.is_available():
+        cmd[cmd.index("--nproc-per-node") + 1] = "gpu"
+    return " ".join(cmd)
 
 
 def is_group(group) -> bool:

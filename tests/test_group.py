@@ -1,6 +1,7 @@
 """The trainer as a torch.distributed group (grpo.group) on CPU processes and the gloo backend, launched by the
-real torchrun: two ranks must train to the same weights as one process, and generate and score as one engine
-does; two rendezvous agents on this host stand in for two machines, and a rank killed takes the group down.
+real torchrun: ranks must train to the same weights as one process, and generate and score as one engine
+does; two rendezvous agents on this host stand in for two machines (one rank, and two), and a rank killed takes
+the group down.
 Sharded (FSDP2), two ranks train, checkpoint and resume as one process does, and feed two engine ranks by broadcast."""
 import os
 import subprocess
@@ -83,16 +84,19 @@ def _same_training(alone: list[dict], grouped: list[dict], ours: Path, theirs: P
 
 
 @pytest.mark.slow
-def test_two_ranks_train_generate_and_score_as_one_process(alone, tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+def test_ranks_on_two_machines_train_generate_and_score_as_one_process(alone, tiny_model_dir, tokenizer, tmp_path,
+                                                                       monkeypatch):
     monkeypatch.setenv("GRPO_CPU_BF16", "0")  # float32 on both sides: sums differ only in their order
     model, rows, annotated = alone["model"], alone["rows"], alone["folder"] / "annotated.jsonl"
-    # two machines: main's node 0 and a second rendezvous agent on this host as node 1, one rank each
+    # two machines: main's node 0 with one rank and a second rendezvous agent on this host as node 1 with two
+    # (machines may run different numbers of ranks: a step's 4 rows split 2 / 1 / 1)
     group = Group(ranks=1, nodes=2, rendezvous=f"127.0.0.1:{free_port()}")
     command = join_command(group).replace("--node-rank K", "--node-rank 1").split()
+    command[command.index("--nproc-per-node") + 1] = "2"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     node1 = subprocess.Popen([sys.executable, *command[1:]], stdin=subprocess.DEVNULL, env=env)
     two, ready_two, grouped = _train(tiny_model_dir, annotated, tmp_path / "two", group)
-    assert (alone["ready"]["ranks"], ready_two["ranks"], ready_two["sharded"]) == (1, 2, False)
+    assert (alone["ready"]["ranks"], ready_two["ranks"], ready_two["sharded"]) == (1, 3, False)
     moved = load_file(alone["folder"] / "one" / "model.safetensors")["model.norm.weight"].float()
     assert not torch.equal(moved, model.model.norm.weight.to(torch.bfloat16).float())  # training did something
     _same_training(alone["summaries"], grouped, tmp_path / "two", alone["folder"] / "one")
@@ -116,8 +120,9 @@ def test_two_ranks_train_generate_and_score_as_one_process(alone, tiny_model_dir
 
     from grpo.errors import TrainerError
 
-    (rank1,) = [int(d.name) for d in Path("/proc").glob("[0-9]*") if _parent(d) == node1.pid]
-    os.kill(rank1, signal.SIGKILL)
+    node1_ranks = [int(d.name) for d in Path("/proc").glob("[0-9]*") if _parent(d) == node1.pid]
+    assert len(node1_ranks) == 2
+    os.kill(node1_ranks[0], signal.SIGKILL)
     assert node1.wait(timeout=60) != 0
     with pytest.raises(TrainerError, match="the trainer process died"):
         two.ask({"op": "generate", "prompts": prompts, "n": 1, "temperature": 0.0, "max_new_tokens": 5, "seed": 0},
