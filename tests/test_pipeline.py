@@ -232,8 +232,8 @@ def test_killed_main_of_a_group_leaves_nothing_running_and_resumes(store, tiny_m
         _kill_main_alone(process, 5 if engines else 3)  # torchrun agents and ranks on main's machine
         process.communicate(timeout=300)
         assert process.returncode == -signal.SIGKILL
-        if node1:  # the other machine's rank loses the group, and its agent exits
-            assert node1.wait(timeout=120) != 0
+        if node1:  # the other machine's agent exits: its rank loses the group (or, when rank 0 read the end of
+            node1.wait(timeout=120)  # main's pipe before its agent's death reached it, is told to stop: exit 0)
     node1 = other_machine()
     said = run_entry("main", *args, env={"MLFLOW_RUN_ID": run_id}).stderr
     assert "replaying" not in said  # it started from the checkpoint
