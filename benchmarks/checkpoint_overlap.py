@@ -3,13 +3,12 @@ its share of the next rollout while its writer thread saves the last iteration's
 generation alone, during the first save (which allocates the pinned host buffers that later saves reuse) and
 during the next, for each way of getting pinned host memory, each in its own process (side by side, one run):
 
-    python benchmarks/checkpoint_overlap.py --out DIR [--tokenizer TOK] [--code OTHER_CHECKOUT]
+    python benchmarks/checkpoint_overlap.py --out DIR [--tokenizer TOK]
 
 - `cudaHostAlloc`: torch's pinned allocator as it comes (PYTORCH_CUDA_ALLOC_CONF without pinned settings);
-- `cudaHostRegister x8`: torch's pinned allocator with pinned_use_cuda_host_register and 8 registering threads,
-  as the trainer's processes have it (grpo.checkpointing.PINNED_BY_REGISTER);
-- `pageable`: no pinned buffers (the writer copies into ordinary host memory);
-- `this checkout` (with --code: that checkout first): the writer as the code has it.
+- `cudaHostRegister x8`: the PYTORCH_CUDA_ALLOC_CONF the trainer's processes start with
+  (grpo.checkpointing.host_allocator_conf: pinned_use_cuda_host_register, 8 registering threads);
+- `pageable`: no pinned buffers (the writer copies into ordinary host memory).
 
 1B shape (random weights, SmolLM2 tokenizer) unless --model; the trainer takes one optimiser step first, so that
 the checkpoint holds AdamW's state (float32 weights + two moments: ~15 GB for 1.24B parameters)."""
@@ -27,14 +26,13 @@ from iteration import ROOT, policy_and_parameters  # this folder is on sys.path 
 from trainer_profile import synthetic_rows
 
 sys.path.insert(0, str(ROOT))
-from grpo.checkpointing import PINNED_BY_REGISTER  # noqa: E402
+from grpo.checkpointing import host_allocator_conf  # noqa: E402
 
-MODES = {"cudaHostAlloc": "", "cudaHostRegister x8": PINNED_BY_REGISTER, "pageable": "", "this checkout": ""}
+MODES = ("cudaHostAlloc", "cudaHostRegister x8", "pageable")
 
 
 def child(args) -> dict:
     """One mode's timings (in a process of its own: pinned blocks are cached per process)."""
-    sys.path.insert(0, str(Path(args.code).resolve() if args.code else ROOT))
     import random
 
     import torch
@@ -95,8 +93,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="folder for the 1B-shaped model and the checkpoints")
     p.add_argument("--tokenizer", default="", help="tokenizer folder ('' = the bundled SmolLM2)")
     p.add_argument("--model", default="", help="a model folder instead of the 1B shape")
-    p.add_argument("--code", default="", help="another checkout, timed as 'that checkout' before this one")
-    p.add_argument("--modes", nargs="+", default=list(MODES), help="which modes to run (default: all)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="which modes to run (default: all)")
     p.add_argument("--prompts", type=int, default=64, help="prompts per generation call")
     p.add_argument("--attempts", type=int, default=8, help="completions per prompt")
     p.add_argument("--max_new_tokens", type=int, default=512, help="tokens per completion (random weights: all)")
@@ -106,15 +103,13 @@ def main(argv=None) -> None:
     if args.mode:
         print(json.dumps(child(args)))
         return
-    runs = [(m, "") for m in args.modes if m != "this checkout"]
-    if "this checkout" in args.modes:
-        runs += ([("that checkout", args.code)] if args.code else []) + [("this checkout", "")]
     rows = []
-    for mode, code in runs:
-        conf = ",".join(x for x in (os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), MODES.get(mode, "")) if x)
-        env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": conf}
+    for mode in args.modes:
+        conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+        env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": host_allocator_conf(conf) if mode == "cudaHostRegister x8"
+               else conf}
         cmd = [sys.executable, __file__, "--mode", mode, "--out", args.out, "--tokenizer", args.tokenizer,
-               "--model", args.model, "--code", code, "--prompts", str(args.prompts), "--attempts",
+               "--model", args.model, "--prompts", str(args.prompts), "--attempts",
                str(args.attempts), "--max_new_tokens", str(args.max_new_tokens), "--calls", str(args.calls)]
         done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
         if done.returncode:

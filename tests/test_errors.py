@@ -21,7 +21,6 @@ def _fails_fast(stage, *args, env=None, seconds=60):
     return last_line(done)
 
 
-
 def test_unknown_hub_model_offline_is_one_line(store):
     line = _fails_fast("evaluate", "--model", "no-such-org/no-such-model", "--limit", "1",
                        env={"HF_HUB_OFFLINE": "1"})

@@ -137,7 +137,6 @@ def _parent(proc: Path) -> int:
         return -1
 
 
-
 def test_a_rank_on_another_machine_exits_when_main_machines_store_goes():
     """Under NCCL a rank waiting for rank 0 may not notice that main's machine died: it watches torchrun's store
     there (a real TCPStore in a process of its own, which counts the pings, killed as main's machine would be)."""

@@ -16,7 +16,6 @@ from conftest import ROOT, free_port, run_entry, wait_until
 SCREENSHOTS = ROOT / "test-artifacts"
 
 
-
 def _browser():
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
         if os.environ.get("GRPO_REQUIRE_BROWSER"):
@@ -32,7 +31,6 @@ def _browser():
                  "--window-size=1600,1000"):  # no background networking: this machine has no internet
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-
 
 
 @pytest.mark.slow
