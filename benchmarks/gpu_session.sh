@@ -106,8 +106,9 @@ engines)
   done ;;
 sweeps)
   setup
-  python3 benchmarks/sweep_scale.py --out /tmp/sweeps --tokenizer /tmp/tok --file_store "$@"
-  cp /tmp/sweeps/sweep_scale.json "$OUT/" ;;
+  # the log as it goes and each sweep's row as it ends come back even if the call runs out of time
+  python3 benchmarks/sweep_scale.py --out /tmp/sweeps --tokenizer /tmp/tok --file_store --json "$OUT/sweep_scale.json" \
+    "$@" 2>&1 | tee "$OUT/sweeps.log" | grep -E "^\||grpo sweep: (worker|trial)" ;;
 prep)
   install .whl .whl_trl
   setup

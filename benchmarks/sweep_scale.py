@@ -44,12 +44,13 @@ def run_sweep(model: str, out: Path, workers: int, args) -> float:
              "--system_metrics", "false", "--n_trials", str(args.trials), "--workers", str(workers),
              "--study_name", f"scale-{workers}", "--pruner", "none", "--drop_flat_groups", "false"]
     uri = (folder / "mlruns").as_uri() if args.file_store else f"sqlite:///{folder / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_FILE_STORE": "true", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_FILE_STORE": "true", "PYTHONUNBUFFERED": "1",
+           # compiled kernels cached per sweep: a later sweep would otherwise start warm from an earlier one's
+           "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor"), "TRITON_CACHE_DIR": str(folder / "triton")}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, str(ROOT / "entrypoints" / "sweep.py"), *flags], cwd=folder, env=env,
-                          stderr=subprocess.PIPE, text=True)
+    done = subprocess.run([sys.executable, str(ROOT / "entrypoints" / "sweep.py"), *flags], cwd=folder, env=env)
     if done.returncode:
-        sys.exit(f"sweep with {workers} workers failed:\n{done.stderr[-3000:]}")
+        sys.exit(f"sweep with {workers} workers failed ({done.returncode}; its output is above)")
     return time.perf_counter() - started
 
 
@@ -64,6 +65,7 @@ def main(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=128, help="token limit per completion")
     p.add_argument("--iterations", type=int, default=2, help="iterations per trial")
     p.add_argument("--file_store", action="store_true", help="MLflow file stores (where only mlflow-skinny is)")
+    p.add_argument("--json", default="", help="where the rows go, after each sweep (default DIR/sweep_scale.json)")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +78,8 @@ def main(argv=None):
         seconds = run_sweep(model, out, workers, args)
         rows.append({"workers": workers, "trials": args.trials, "seconds": seconds,
                      "trials_per_hour": 3600 * args.trials / seconds})
-    (out / "sweep_scale.json").write_text(json.dumps(rows, indent=1))
+        Path(args.json or out / "sweep_scale.json").write_text(json.dumps(rows, indent=1))
+        print(f"| {workers} worker(s): {args.trials} trials in {seconds:.0f} s", flush=True)
     print("| workers | trials | seconds | trials / hour | vs first |\n|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['workers']} | {row['trials']} | {row['seconds']:.0f} | {row['trials_per_hour']:.0f} | "

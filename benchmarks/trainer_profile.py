@@ -7,12 +7,14 @@ work aims at what costs. Synthetic rows stand in for a rollout (random ids; leng
 A shape is ROWS:TOKENS, the micro-batch caps (train_batch_size : max_tokens_per_micro_batch); every shape trains
 32 sequences per optimiser step, as the iteration benchmark does. MFU = 6 x parameters x tokens/s / bf16 peak.
 
-The sharded trainer (FSDP2, the group's shard=true), under torchrun, also times a checkpoint's gather:
+Under torchrun the trainer is a group's rank (each trains on its share of every step, gradients summed over the
+ranks); the sharded one (FSDP2, the group's shard=true) also times a checkpoint's gather:
 
-    torchrun --standalone --nproc-per-node N benchmarks/trainer_profile.py --shard 1 --profile 0 --out DIR"""
+    torchrun --standalone --nproc-per-node N benchmarks/trainer_profile.py [--shard 1] --profile 0 --out DIR"""
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
@@ -24,7 +26,8 @@ from iteration import PEAK_BF16, ROOT, policy_and_parameters  # this folder is o
 KINDS = [("matmul", ("gemm", "matmul", "cutlass", "sm90_xmma", "nvjet", "ampere", "wgmma")),
          ("attention", ("flash", "fmha", "attention")), ("optimizer", ("adam", "multi_tensor")),
          ("softmax / logprobs", ("softmax", "logsumexp", "log_softmax", "gather")),
-         ("norm", ("rms", "norm")), ("copy / cast", ("copy", "cast", "to_copy", "memcpy", "memset", "fill"))]
+         ("norm", ("rms", "norm")), ("copy / cast", ("copy", "cast", "to_copy", "memcpy", "memset", "fill")),
+         ("collectives", ("nccl",))]
 
 
 def synthetic_rows(n: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -46,17 +49,21 @@ def kind_of(name: str) -> str:
     return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
 
 
-def profile_step(trainer, rows: list[dict], top: int = 20) -> dict[str, float]:
-    """GPU milliseconds by kernel kind over one optimiser step (32 rows), with `report`'s tables."""
+def profile_step(trainer, rows: list[dict], top: int = 20, steps: int = 1) -> dict[str, float]:
+    """GPU milliseconds by kernel kind over `steps` optimiser steps (32 rows each), with `report`'s tables; also
+    the wall-clock milliseconds (in a group, kernels of collectives overlap others or wait for the ranks)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from grpo.trainer import drain
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
-        drain(trainer.train(rows[:32], iteration=99, seed=0, total_steps=10**6))
+        started = time.perf_counter()
+        drain(trainer.train(rows[:32 * steps], iteration=99, seed=0, total_steps=10**6))
         torch.cuda.synchronize()
-    return report(prof, "one step", top)
+        print(f"\nprofiled {steps} step(s): {(time.perf_counter() - started) * 1000:.0f} ms wall-clock (with the "
+              "profiler's own cost)")
+    return report(prof, f"{steps} step(s)", top)
 
 
 def report(prof, what: str, top: int = 20, ops: bool = True) -> dict[str, float]:
@@ -103,6 +110,7 @@ def main(argv=None) -> None:
     p.add_argument("--code", default="", help="another checkout whose grpo/ to time instead (before / after)")
     p.add_argument("--model", default="", help="a model folder instead of the 1B shape (a smoke run on the CPU)")
     p.add_argument("--shard", type=int, default=0, help="1 = the FSDP2 trainer (shard=true); start under torchrun")
+    p.add_argument("--steps", type=int, default=1, help="optimiser steps the profile covers")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(args.code).resolve() if args.code else ROOT))
     import torch
@@ -112,16 +120,15 @@ def main(argv=None) -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rank, world = 0, 1  # MFU is per GPU: the group's tokens/s over its GPUs' peak
-    if args.shard:
-        import os
-
+    if args.shard or "LOCAL_RANK" in os.environ:  # under torchrun
         import torch.distributed as dist
 
         if device == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-    say = print if rank == 0 else (lambda *a, **k: None)
+    if rank:  # every rank trains and profiles (collectives), rank 0 alone reports
+        sys.stdout = open(os.devnull, "w")
     model, params = policy_and_parameters(args.model, args.tokenizer, Path(args.out).resolve())
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     trainer = None
@@ -144,7 +151,7 @@ def main(argv=None) -> None:
         tps = summary["trained_tokens"] / seconds
         results.append({"shape": shape, "seconds": seconds, "steps": summary["optimizer_steps"], "tokens_per_s": tps,
                         "mfu": 6 * params * tps / PEAK_BF16 / world, "peak_gib": summary["peak_gpu_gib"]})
-        say(f"{shape}: {seconds:.2f} s, {tps:,.0f} tokens/s, MFU {results[-1]['mfu']:.1%} (warm-up's last step: "
+        print(f"{shape}: {seconds:.2f} s, {tps:,.0f} tokens/s, MFU {results[-1]['mfu']:.1%} (warm-up's last step: "
             f"loss {warm['last_loss']:.6f}, gradient norm {warm['last_grad_norm']:.5f})", flush=True)
     gather = ""
     if args.shard:  # the ranks gather the whole state to rank 0 (the part of a checkpoint that blocks training)
@@ -155,18 +162,18 @@ def main(argv=None) -> None:
             seconds.append(time.perf_counter() - started)
             trainer.wait_saved()
         gather = f", checkpoint gather {seconds[0]:.1f} s (first), {seconds[1]:.1f} s (next)"
-    by_kind = profile_step(trainer, rows) if device == "cuda" and args.profile else {}
+    by_kind = profile_step(trainer, rows, steps=args.steps) if device == "cuda" and args.profile else {}
     card = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    ranks = f", sharded over {world} rank(s)" if args.shard else ""
-    say(f"\n{args.name or 'this checkout'}: {card}, {params / 1e9:.2f}B parameters, {args.rows} rows, 32 per step"
+    ranks = f", {'sharded over ' if args.shard else ''}{world} rank(s)" if world > 1 or args.shard else ""
+    print(f"\n{args.name or 'this checkout'}: {card}, {params / 1e9:.2f}B parameters, {args.rows} rows, 32 per step"
         f"{ranks}{gather}\n")
-    say("| micro-batch caps (rows:tokens) | seconds | optimiser steps | tokens/s | MFU | peak GiB |")
-    say("|---|---|---|---|---|---|")
+    print("| micro-batch caps (rows:tokens) | seconds | optimiser steps | tokens/s | MFU | peak GiB |")
+    print("|---|---|---|---|---|---|")
     for r in results:
-        say(f"| {r['shape']} | {r['seconds']:.2f} | {r['steps']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
+        print(f"| {r['shape']} | {r['seconds']:.2f} | {r['steps']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
             f"{r['peak_gib']:.1f} |")
     if by_kind:
-        print_kinds(by_kind, f"one step at {args.shapes[-1]}")
+        print_kinds(by_kind, f"{args.steps} step(s) at {args.shapes[-1]}")
 
 
 if __name__ == "__main__":

@@ -159,29 +159,92 @@ def unshare(parts: list[list]) -> list:
     return out
 
 
-def sum_gradients(params) -> None:
-    """Sum every parameter's gradient over the group (ranks with nothing to train send zeros), in buckets."""
-    import torch
-    import torch.distributed as dist
+class GradientSum:
+    """The float32 master gradients of an unsharded group's rank, summed over the group while the optimiser step's
+    last backward still runs, as DDP's buckets do: as backward yields a parameter's gradient, it goes (added to
+    the earlier micro-batches' gradient of that parameter) into its place in a flat bucket, and a bucket's
+    all-reduce starts once all of its gradients are in, behind the layers still to go back through. The master's
+    gradient stays a view of its bucket until the optimiser drops it; buckets are taken from the allocator as the
+    last backward fills them, so that they do not hold memory through the forward passes.
 
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    bucket, size = [], 0
-    for g in grads + [None]:
-        if g is None or (bucket and size + g.numel() > GRADIENT_BUCKET):
-            flat = torch.cat([t.reshape(-1) for t in bucket])
-            dist.all_reduce(flat)
-            offset = 0
-            for t in bucket:
-                t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                offset += t.numel()
-            bucket, size = [], 0
-        if g is not None:
-            bucket.append(g)
-            size += g.numel()
+    Buckets hold the parameters in reverse (the order backward yields them) and start strictly in that order on
+    every rank, so ranks pair their collectives even if their backwards finish parameters in other orders; a rank
+    with no rows in a step (or a parameter backward never reached) sends what it has, or zeros, at `finish`.
+
+    `pairs` are (float32 master, compute) parameters; the compute copy may be the master itself (float32)."""
+
+    def __init__(self, pairs, bucket_elements: int = GRADIENT_BUCKET):
+        self.layout: list[tuple[int, list]] = []  # per bucket: (elements, [(master, compute, offset)])
+        self.place = {}  # compute parameter -> (bucket, master, offset)
+        members, size = [], 0
+        for master, compute in list(pairs)[::-1] + [(None, None)]:
+            if master is None or (members and size + master.numel() > bucket_elements):
+                self.layout.append((size, members))
+                for m, c, offset in members:
+                    self.place[c] = (len(self.layout) - 1, m, offset)
+                members, size = [], 0
+            if master is not None:
+                members.append((master, compute, size))
+                size += master.numel()
+                compute.register_post_accumulate_grad_hook(self._gradient_ready)
+        self.begin_step()
+
+    def begin_step(self) -> None:
+        self.flats, self.bound = [None] * len(self.layout), set()
+        self.pending = [len(members) for _, members in self.layout]
+        self.armed, self.works, self.started = False, [], 0
+
+    def arm(self) -> None:
+        """Call before the step's last backward: its gradients then go out bucket by bucket as they are ready."""
+        self.armed = True
+
+    def _gradient_ready(self, compute) -> None:
+        if not self.armed:
+            return
+        bucket, master, offset = self.place[compute]
+        self._bind(bucket, master, compute, offset)
+        self.pending[bucket] -= 1
+        self._start_ready()
+
+    def _bind(self, bucket: int, master, compute, offset: int) -> None:
+        """The master's gradient so far, plus the compute copy's (the trainer's _grads_to_master), into its place."""
+        import torch
+
+        if self.flats[bucket] is None:
+            self.flats[bucket] = torch.empty(self.layout[bucket][0], dtype=torch.float32, device=master.device)
+        view = self.flats[bucket][offset:offset + master.numel()].view_as(master)
+        if compute is not master and compute.grad is not None:
+            if master.grad is None:
+                view.copy_(compute.grad)
+            else:
+                torch.add(master.grad, compute.grad, out=view)
+            compute.grad = None
+        elif master.grad is not None:
+            view.copy_(master.grad)
+        else:
+            view.zero_()
+        master.grad = view
+        self.bound.add(master)
+
+    def _start_ready(self) -> None:
+        import torch.distributed as dist
+
+        while self.started < len(self.layout) and self.pending[self.started] <= 0:
+            self.works.append(dist.all_reduce(self.flats[self.started], async_op=True))
+            self.started += 1
+
+    def finish(self) -> None:
+        """After the step's last backward (or none): the buckets not started yet, then wait for every sum."""
+        self.armed = False
+        for bucket in range(self.started, len(self.layout)):
+            for master, compute, offset in self.layout[bucket][1]:
+                if master not in self.bound:
+                    self._bind(bucket, master, compute, offset)
+            self.pending[bucket] = 0
+        self._start_ready()
+        for work in self.works:
+            work.wait()
+        self.begin_step()  # the gradients keep their buckets until the optimiser drops them
 
 
 def sum_values(values: dict, maxima: tuple[str, ...] = ()) -> dict:

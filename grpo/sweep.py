@@ -12,6 +12,7 @@ from pathlib import Path
 from grpo.errors import ConfigError, TrackingError
 
 WORKER_OF = "GRPO_SWEEP_WORKER_OF"  # set in a worker's environment: the sweep run its trials nest under
+TRIALS_LEFT = "GRPO_SWEEP_TRIALS_LEFT"  # and this: a file counting the sweep's trials no worker has taken yet
 
 
 def storage_url(sweep) -> str:
@@ -119,7 +120,10 @@ def run_sweep(cfg, pruner=None):
         die_with_parent()
 
         experiment = mlflow.MlflowClient().get_run(parent).info.experiment_id
+        counter = os.environ.get(TRIALS_LEFT)
         for _ in range(cfg.sweep.n_trials):
+            if counter and not take_trial(counter):
+                break
             _run_trial(study, cfg, experiment, parent)
         return study
     params = cfg.as_params("sweep") | {"storage": tracking.redact(storage_url(cfg.sweep))}
@@ -151,28 +155,48 @@ def worker_count(sweep) -> int:
     return sweep.workers or max(1, len(visible_gpus()))
 
 
+def take_trial(counter: str) -> bool:
+    """Take one of the sweep's trials left, if any (a count in the file `counter`, under an exclusive lock): the
+    workers share the trials as each frees up, so a long trial on one GPU does not leave another idle."""
+    import fcntl
+
+    with open(counter, "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        left = int(f.read() or 0)
+        if left <= 0:
+            return False
+        f.seek(0)
+        f.truncate()
+        f.write(str(left - 1))
+        return True
+
+
 def _run_workers(cfg, workers: int, sweep_run_id: str) -> None:
-    """`workers` sweep processes at once, sharing the trials, each on its own GPU (round robin; CPU processes
-    without one), one study, trials nested under this sweep run. They die with this process."""
+    """`workers` sweep processes at once, taking the trials one at a time as each is free, each on its own GPU
+    (round robin; CPU processes without one), one study, trials nested under this sweep run. They die with this
+    process."""
     import subprocess
     import sys
+    import tempfile
 
     import mlflow
 
     from grpo.trainer_process import ROOT, share_cores
 
     gpus, total = visible_gpus(), cfg.sweep.n_trials
-    shares = [total // workers + (k < total % workers) for k in range(workers)]
+    handle, counter = tempfile.mkstemp(prefix="grpo-sweep-trials-")
+    os.write(handle, str(total).encode())
+    os.close(handle)
     processes = []
-    for k, trials in enumerate(n for n in shares if n):
-        flags = cfg.replace(n_trials=trials, workers=1, storage=storage_url(cfg.sweep)).as_params("sweep")
-        env = {**os.environ, WORKER_OF: sweep_run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
-               "GRPO_PARENT_PID": str(os.getpid())}
+    for k in range(min(workers, total)):
+        flags = cfg.replace(workers=1, storage=storage_url(cfg.sweep)).as_params("sweep")
+        env = {**os.environ, WORKER_OF: sweep_run_id, TRIALS_LEFT: counter,
+               "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "GRPO_PARENT_PID": str(os.getpid())}
         env.pop("MLFLOW_RUN_ID", None)
         share_cores(env, workers)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[k % len(gpus)]
-        _say(f"worker {k} runs {trials} trial(s)" + (f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else ""))
+        _say(f"worker {k} started" + (f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else ""))
         processes.append(subprocess.Popen([sys.executable, str(ROOT / "entrypoints" / "sweep.py"),
                                            *[f"--{name}={value}" for name, value in flags.items()]],
                                           env=env))
@@ -182,6 +206,8 @@ def _run_workers(cfg, workers: int, sweep_run_id: str) -> None:
         for process in processes:
             process.wait(timeout=120)
         raise
+    finally:
+        os.unlink(counter)
     failed = [k for k, code in enumerate(codes) if code != 0]
     if failed:
         raise TrackingError(f"sweep worker(s) {', '.join(map(str, failed))} failed (their last lines are above); "

@@ -16,6 +16,7 @@ import torch
 from grpo.artifacts import checkpoint_info, state_once
 from grpo.checkpointing import CheckpointWriter
 from grpo.errors import DataError, NumericsError
+from grpo.group import GradientSum, share, sum_values, world
 from grpo.model import serving_dtype
 from grpo.sharding import Filler, full_layout, full_weights, gradient_norm
 
@@ -117,6 +118,8 @@ class Trainer:
                 fuse_norms(self.compute)
                 compile_layers(self.compute)
         self._pairs = list(zip(self.model.parameters(), self.compute.parameters()))  # (master, compute), tied once
+        # an unsharded group sums gradients during the last backward of each step (FSDP2 reduces them itself)
+        self.gradient_sum = GradientSum(self._pairs) if world()[1] > 1 and not shard else None
         kwargs = {"fused": True} if device == "cuda" and not shard else {}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.learning_rate,
                                            weight_decay=optim.weight_decay, **kwargs)
@@ -168,7 +171,6 @@ class Trainer:
     def _my_batches(self, rows, batches) -> list[list[int]]:
         """This rank's micro-batches of one optimiser step: in a group, every size-th row of the step (sorted by
         length, so each rank gets a like share of tokens), cut again into micro-batches."""
-        from grpo.group import share, world
         from grpo.scoring import micro_batches
 
         rank, size = world()
@@ -191,7 +193,6 @@ class Trainer:
         """Forward and backward over this rank's micro-batches of one optimiser step, each weighted by the whole
         step's totals (so ranks' gradients add up to the step's); the step's loss and metric sums, over the
         group (one host sync)."""
-        from grpo.group import sum_gradients, sum_values, world
         from grpo.loss import grpo_loss, token_weights, truncated_is_weight
         from grpo.scoring import autocast
 
@@ -199,9 +200,12 @@ class Trainer:
         step_tokens = sum(len(r["completion_ids"]) for r in step_rows)
         sums = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0, "ratio_sum": 0.0, "tokens": 0,
                 "ratio_max": torch.zeros((), device=device)}
+        if self.gradient_sum:
+            self.gradient_sum.begin_step()
         for index, batch in enumerate(batches):
+            last = index == len(batches) - 1
             if self.sharded:  # gradients are reduced over the ranks in the step's last backward only
-                self.scorer.set_requires_gradient_sync(index == len(batches) - 1)
+                self.scorer.set_requires_gradient_sync(last)
             chosen = [rows[i] for i in batch]
             packed = _pack_rows(chosen, device)
             flat = lambda key: torch.tensor([x for r in chosen for x in r[key]], device=device)  # noqa: E731
@@ -221,6 +225,8 @@ class Trainer:
             ref = flat("ref_logprobs") if context["reference"] else None
             loss, m = grpo_loss(new, old_logp, ref, adv, weights, optim.epsilon,
                                 optim.epsilon_high, optim.kl_coef, is_weight)
+            if self.gradient_sum and last:
+                self.gradient_sum.arm()
             loss.backward()
             self._grads_to_master()
             sums["loss"] = loss.detach() + sums["loss"]
@@ -229,8 +235,8 @@ class Trainer:
                 sums[k] += v
         gap.pending = False
         if world()[1] > 1:
-            if not self.sharded:  # FSDP reduced them in the last backward
-                sum_gradients(self.model.parameters())
+            if self.gradient_sum:
+                self.gradient_sum.finish()
             return sum_values(sums, maxima=("ratio_max",))
         return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in sums.items()}
 
@@ -347,8 +353,6 @@ class Trainer:
         """The current policy as a Hugging Face folder in bf16 (what a logged model keeps), written synchronously."""
         from safetensors.torch import save_file
 
-        from grpo.group import world
-
         lead = world()[0] == 0  # a sharded rank's part is the gather; rank 0 alone keeps and writes
         state = full_weights(self.model) if self.sharded else state_once(self.model)
         weights = {name: t.to("cpu", torch.bfloat16).contiguous() if lead else None for name, t in state}
@@ -398,8 +402,6 @@ class _Gap:
         self.diffs.append((trainer.float() - sampler.float()).cpu())
 
     def metrics(self) -> dict[str, float]:
-        from grpo.group import sum_values, world
-
         d = torch.cat(self.diffs) if self.diffs else torch.zeros(0)
         ratio = torch.exp(d)
         outside = (ratio < 1 - self.optim.epsilon) | (ratio > 1 + self.optim.epsilon_high)

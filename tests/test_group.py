@@ -332,3 +332,82 @@ def test_a_sharded_group_trains_checkpoints_resumes_as_one_process_and_feeds_eng
         engines.client.ask({"op": "engine_probe"}, "probe")
     assert not engines.alive and resumed.alive
     resumed.close()
+
+
+# micro-batches (token ids) per step and rank: rank 0 two and rank 1 one, then rank 1 none (it sends zeros)
+GRADIENT_PLAN = {0: [[[1, 2, 3], [4, 5]], [[0, 1]]], 1: [[[5, 5, 2, 0]], []]}
+
+
+def _tied_model(dtype):
+    """Embedding, a layer and an output tied to the embedding (as a Llama's lm_head), same weights every call."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(6, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 6, bias=False))
+    model[2].weight = model[0].weight
+    return model.to(dtype)
+
+
+def _micro_batch_loss(model, ids):
+    logits = model(torch.tensor(ids)).float()
+    return (logits * torch.linspace(-1.0, 1.0, logits.numel()).view_as(logits)).sum()
+
+
+def _gradient_sum_rank(out: str) -> None:
+    """One rank (under torchrun) of the test below: a step's micro-batches as the trainer runs them, with buckets
+    of 10 elements (several), for a float32 model and for a bf16 copy beside float32 masters."""
+    import copy
+
+    import torch.distributed as dist
+
+    from grpo.group import GradientSum
+
+    dist.init_process_group("gloo")
+    rank, results = dist.get_rank(), {}
+    for dtype in (torch.float32, torch.bfloat16):
+        master = _tied_model(torch.float32)
+        compute = master if dtype == torch.float32 else copy.deepcopy(master).to(dtype)
+        pairs = list(zip(master.parameters(), compute.parameters()))
+        summed = GradientSum(pairs, bucket_elements=10)
+        for step, batches in enumerate(GRADIENT_PLAN[rank]):
+            summed.begin_step()
+            for index, ids in enumerate(batches):
+                if index == len(batches) - 1:
+                    summed.arm()
+                _micro_batch_loss(compute, ids).backward()
+                for m, c in pairs:  # the trainer's _grads_to_master
+                    if c is not m and c.grad is not None:
+                        m.grad = c.grad.float() if m.grad is None else m.grad.add_(c.grad)
+                        c.grad = None
+            started_in_backward = summed.started
+            summed.finish()
+            results[(str(dtype), step)] = ([m.grad.clone() for m in master.parameters()], started_in_backward,
+                                           len(summed.layout))
+            for m in master.parameters():
+                m.grad = None  # as the optimiser's zero_grad
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_gradient_sums_start_during_the_last_backward_and_equal_every_micro_batch_added(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    __file__, str(tmp_path)], env=env, check=True, timeout=120)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for dtype in (torch.float32, torch.bfloat16):
+        compute = _tied_model(dtype)
+        for step in range(2):
+            expected = [torch.zeros(p.shape) for p in compute.parameters()]
+            for rank in range(2):
+                for ids in GRADIENT_PLAN[rank][step]:  # each micro-batch's gradient, added in float32
+                    grads = torch.autograd.grad(_micro_batch_loss(compute, ids), list(compute.parameters()))
+                    expected = [e + g.float() for e, g in zip(expected, grads)]
+            for rank, results in enumerate(ranks):
+                grads, started, buckets = results[(str(dtype), step)]
+                assert buckets == 3  # the layer's bias (4 elements), its weight (16), the embedding (24)
+                for got, want in zip(grads, expected):
+                    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+                # every bucket went out from the hooks of the last backward; a rank without rows sent at finish
+                assert started == (buckets if GRADIENT_PLAN[rank][step] else 0)
+
+
+if __name__ == "__main__":
+    _gradient_sum_rank(sys.argv[1])

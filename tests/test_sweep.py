@@ -107,3 +107,24 @@ def test_two_mains_and_two_sweep_workers_share_one_sqlite_store(store, tiny_mode
         assert sorted(history("train_reward_mean")) == list(range(iterations))
         stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
         assert len(stages) == 4 * iterations + 1 and all(r.info.status == "FINISHED" for r in stages)
+
+
+def test_workers_take_exactly_the_sweeps_trials_between_them_as_each_frees_up(tmp_path):
+    """Four processes race for 50 trials (a count in a file, under a lock): 50 are taken, none twice, and the
+    one whose trials are slow takes fewer, as a GPU whose trials run long would."""
+    counter = tmp_path / "left"
+    counter.write_text("50")
+    script = ("import pathlib, sys, time; from grpo.sweep import take_trial\n"
+              "ready = pathlib.Path(sys.argv[1] + '.ready'); ready.mkdir(exist_ok=True)\n"
+              "(ready / sys.argv[2]).touch()\n"
+              "while len(list(ready.iterdir())) < 4: time.sleep(0.01)  # all start together\n"
+              "taken = 0\n"
+              "while take_trial(sys.argv[1]):\n"
+              "    taken += 1; time.sleep(float(sys.argv[3]))\n"
+              "print(taken)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    workers = [subprocess.Popen([sys.executable, "-c", script, str(counter), f"{k}", pause], stdout=subprocess.PIPE,
+                                text=True, env=env) for k, pause in enumerate(("0.3", "0.01", "0.01", "0.01"))]
+    taken = [int(w.communicate(timeout=60)[0]) for w in workers]
+    assert sum(taken) == 50 and counter.read_text() == "0"
+    assert taken[0] < min(taken[1:])
