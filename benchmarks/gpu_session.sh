@@ -38,23 +38,7 @@
 #              benchmarks/seeds.py here puts the seeds of each setting side by side)
 set -u
 phase=$1; shift
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 GRPO_SMOLLM2_GGUF=/tmp/m/model.gguf GRPO_CACHE=/tmp/cache
-export MLFLOW_ALLOW_FILE_STORE=true TOKENIZERS_PARALLELISM=false
-mkdir -p /tmp/m "$OUT"
-install() {  # the wheel folders given that the call carries, into /tmp/site
-  for w in "$@"; do
-    [ -d "$w" ] || continue
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      "$w"/*.whl 2>&1 | grep -v "WARNING: Target directory"
-    [ "$w" = .whl ] && touch /tmp/site/.installed
-  done
-}
-setup() {  # what the call carries; wheels once per machine (reinstalling under running processes breaks them)
-  [ -f /tmp/site/.installed ] || install .whl
-  [ -d .carry0 ] && { rm -rf /tmp/tok; cp -r .carry0/tok /tmp/tok; }
-  [ -d .baseline ] && { rm -rf /tmp/baseline; cp -r .baseline /tmp/baseline; ln -sfn "$PWD/data" /tmp/baseline/data; }
-  cp .carry1/* /tmp/m/ 2>/dev/null
-}
+source benchmarks/device_env.sh  # the environment, install, setup
 collect() {
   cp /tmp/study/log /tmp/study/study.log
   tar czf "$OUT/study.tgz" -C /tmp --exclude=grpo_runs --exclude=mlartifacts --exclude='*.safetensors' --exclude='*.pt' study
