@@ -207,7 +207,7 @@ class GradientSum:
         self._start_ready()
 
     def _bind(self, bucket: int, master, compute, offset: int) -> None:
-        """The master's gradient so far, plus the compute copy's (the trainer's _grads_to_master), into its place."""
+        """The master's gradient so far plus the compute copy's (as grpo.trainer.grads_to_master adds) in its place."""
         import torch
 
         if self.flats[bucket] is None:
@@ -244,7 +244,7 @@ class GradientSum:
         self._start_ready()
         for work in self.works:
             work.wait()
-        self.begin_step()  # the gradients keep their buckets until the optimiser drops them
+        self.flats, self.works = [None] * len(self.layout), []  # the gradients keep their buckets till zero_grad
 
 
 def sum_values(values: dict, maxima: tuple[str, ...] = ()) -> dict:

@@ -72,6 +72,16 @@ def _pack_rows(rows: list[dict], device: str):
     return pack([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], device)
 
 
+@torch.no_grad()
+def grads_to_master(pairs) -> None:
+    """Add the bf16 copy's gradients into the float32 master's (accumulating in bf16 would lose them); `pairs` are
+    (master, compute) parameters, nothing to do where they are one."""
+    for master, compute in pairs:
+        if compute is not master and compute.grad is not None:
+            master.grad = compute.grad.float() if master.grad is None else master.grad.add_(compute.grad)
+            compute.grad = None
+
+
 def trainable(rows: list[dict], kl_coef: float = 0.0) -> list[dict]:
     """The rows annotate chose to train on (it skips flat groups when drop_flat_groups): marked `train`, or in
     files without the mark, those it scored. Rows annotated without a reference model (kl_coef 0 in main) carry
@@ -242,13 +252,7 @@ class Trainer:
 
     @torch.no_grad()
     def _grads_to_master(self) -> None:
-        """Add the bf16 copy's gradients into the float32 master's (accumulating in bf16 would lose them)."""
-        if self.compute is self.model:
-            return
-        for master, compute in self._pairs:
-            if compute.grad is not None:
-                master.grad = compute.grad.float() if master.grad is None else master.grad.add_(compute.grad)
-                compute.grad = None
+        grads_to_master(self._pairs)
 
     def _update(self, sums: dict, total_steps: int) -> tuple[float, float]:
         """The optimiser step, unless the loss or the gradient is not finite (then nothing of the step is kept)."""

@@ -359,6 +359,7 @@ def _gradient_sum_rank(out: str) -> None:
     import torch.distributed as dist
 
     from grpo.group import GradientSum
+    from grpo.trainer import grads_to_master
 
     dist.init_process_group("gloo")
     rank, results = dist.get_rank(), {}
@@ -373,10 +374,7 @@ def _gradient_sum_rank(out: str) -> None:
                 if index == len(batches) - 1:
                     summed.arm()
                 _micro_batch_loss(compute, ids).backward()
-                for m, c in pairs:  # the trainer's _grads_to_master
-                    if c is not m and c.grad is not None:
-                        m.grad = c.grad.float() if m.grad is None else m.grad.add_(c.grad)
-                        c.grad = None
+                grads_to_master(pairs)  # as the trainer does after each backward
             started_in_backward = summed.started
             summed.finish()
             results[(str(dtype), step)] = ([m.grad.clone() for m in master.parameters()], started_in_backward,
