@@ -222,7 +222,9 @@ def _run_trial(study, cfg, experiment_id: str, parent: str | None = None) -> Non
     from grpo.errors import GrpoError
     from grpo.pipeline import run_main
 
-    trial = study.ask()
+    import time
+
+    trial, started = study.ask(), time.monotonic()
     trial_cfg = suggest(trial, cfg)
     objective, maximize = cfg.sweep.objective, cfg.sweep.direction == "maximize"
     seen: dict[int, float] = {}
@@ -246,18 +248,17 @@ def _run_trial(study, cfg, experiment_id: str, parent: str | None = None) -> Non
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise ConfigError(f"objective {objective} was never logged after step 0 (one iteration with "
                               "test_every_n_iterations=0?)")
-        value = max(seen.values()) if maximize else min(seen.values())
-        mlflow.log_metric(f"best_{objective}", value)
+        value, seconds = max(seen.values()) if maximize else min(seen.values()), time.monotonic() - started
+        mlflow.log_metrics({f"best_{objective}": value, "trial_seconds": seconds})
         mlflow.set_tag("optuna.state", "COMPLETE")
         study.tell(trial, value)
         status = "FINISHED"
-        _say(f"trial {trial.number}: best {objective} {value:.3f} with " +
-             _shown(trial.params))
+        _say(f"trial {trial.number}: best {objective} {value:.3f} in {seconds:.0f} s with " + _shown(trial.params))
     except optuna.TrialPruned as pruned:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         mlflow.set_tag("optuna.state", "PRUNED")
         status = "KILLED"
-        _say(f"trial {trial.number} pruned: {pruned}")
+        _say(f"trial {trial.number} pruned after {time.monotonic() - started:.0f} s: {pruned}")
     except GrpoError as e:
         if isinstance(e, ConfigError):
             raise

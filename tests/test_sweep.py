@@ -40,6 +40,9 @@ def test_sweep_tunes_on_validation_with_nested_runs_and_an_overlay(store, primed
         val = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")}
         assert set(val) == {0, 1} and trial.value == val[1] == run.data.metrics["best_val_accuracy"]
         assert "test_accuracy" in run.data.metrics and trial.intermediate_values == {1: val[1]}
+        # its wall-clock: within Optuna's ask-to-tell span, which holds little else
+        span = (trial.datetime_complete - trial.datetime_start).total_seconds()
+        assert span / 2 < run.data.metrics["trial_seconds"] <= span + 0.01
     stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == trials[0].info.run_id]
     assert {r.info.run_name for r in stages} == {"evaluate-0", "rollout-0", "annotate-0", "finetune-0", "evaluate-1"}
     artifacts = [a.path for a in client.list_artifacts(sweep.info.run_id)]
