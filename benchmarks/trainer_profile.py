@@ -129,6 +129,10 @@ def main(argv=None) -> None:
         rank, world = dist.get_rank(), dist.get_world_size()
     if rank:  # every rank trains and profiles (collectives), rank 0 alone reports
         sys.stdout = open(os.devnull, "w")
+    if world > 1:  # rank 0 builds the model folder first; the others would read it half written
+        if rank == 0:
+            policy_and_parameters(args.model, args.tokenizer, Path(args.out).resolve())
+        dist.barrier()
     model, params = policy_and_parameters(args.model, args.tokenizer, Path(args.out).resolve())
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     trainer = None

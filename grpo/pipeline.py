@@ -29,7 +29,8 @@ PARENT_METRICS = {
     "finetune": {"kl": "last_kl", "train_tokens_per_s": "train_tokens_per_s", "trainer_peak_gpu_gib": "peak_gpu_gib",
                  "sampler_gap_mean": "sampler_gap_mean", "sampler_gap_max": "sampler_gap_max",
                  "sampler_outside_clip": "sampler_outside_clip", "weights_handoff_seconds": "handoff_seconds",
-                 "weights_broadcast_seconds": "broadcast_seconds", "policy_lag": "policy_lag"},
+                 "weights_broadcast_seconds": "broadcast_seconds", "policy_lag": "policy_lag",
+                 "trainer_idle_seconds": "idle_seconds"},
     "evaluate": {f"{split}_{m}": f"{split}_{m}" for split in ("val", "test")
                  for m in ("accuracy", "boxed_rate", "completion_tokens_mean")},
 }

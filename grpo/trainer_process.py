@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from grpo.artifacts import dumps, loads
@@ -280,6 +281,7 @@ def _requests(rank: int, size: int, reply):
     sys.stdin.reconfigure(encoding="utf-8")  # messages are UTF-8 whatever the locale (orjson writes no escapes)
     for line in sys.stdin:
         request = loads(line)
+        request["read_at"] = time.monotonic()
         if request["op"] == "train":
             from grpo.artifacts import read_jsonl
 
@@ -311,6 +313,7 @@ def serve() -> None:
     replies = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8") if rank == 0 else None
     os.dup2(2, 1)  # prints from libraries must not corrupt the replies
     trainer, exporter, probe, work, sender = None, None, None, None, None
+    trained_at = None  # when this process last finished a finetune
     reply = (lambda payload: replies.write(dumps(payload) + "\n")) if rank == 0 else (lambda payload: None)
     for request in _requests(rank, size, reply):
         try:
@@ -340,7 +343,10 @@ def serve() -> None:
 
                 summary = drain(trainer.train(request["rows"], request["iteration"], request["seed"],
                                               request["total_steps"]), reply)
+                if trained_at is not None and "read_at" in request:  # rank 0's: not training since the last one
+                    summary["idle_seconds"] = request["read_at"] - trained_at
                 reply({"summary": summary})
+                trained_at = time.monotonic()
             elif op == "generate":
                 reply(work.generate(request))
             elif op == "score":

@@ -193,6 +193,13 @@ def test_killed_at_every_stage_of_every_iteration_and_resumed_each_time(store, p
     assert weights[0].read_bytes() == weights[1].read_bytes()
     assert client.get_run(run_id).data.metrics["time_finetune"] > 0
     assert [m.value for m in client.get_metric_history(run_id, "policy_lag")] == [0, max_lag, max_lag]
+    # the trainer's wait before each finetune after its first: on-policy, it waits through the iteration's rollout
+    # and annotate at least; overlapped, it gets iteration i's rows as soon as iteration i-1's are collected
+    history = lambda name: {m.step: m.value for m in client.get_metric_history(reference.info.run_id, name)}  # noqa
+    idle, busy = history("trainer_idle_seconds"), history("time_rollout")
+    assert sorted(idle) == [1, 2] and all(idle[i] > 0 for i in idle)
+    if not max_lag:
+        assert all(idle[i] > busy[i] + history("time_annotate")[i] for i in idle), (idle, busy)
     assert sorted(os.listdir(Path("grpo_runs") / run_id)) == ["lock", "state.json"]  # the folder was cleaned
 
 
