@@ -303,6 +303,8 @@ def run_main(cfg, folder: Path | None = None, changes: dict | None = None, on_lo
         except BaseException:
             chain.close(kill=True)
             raise
+        finally:
+            tracking.flush_traces()
         chain.close()
         _finish(chain, state)
     return result

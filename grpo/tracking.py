@@ -231,8 +231,15 @@ def log_traces(rows: list[dict], stage: str, count: int, step: int = 0) -> None:
                 "problem_id": row["problem_id"], "gold": row["gold"], "outcome": row["outcome"], "stage": stage,
                 "split": row.get("split", "train"), "iteration": str(step),
                 "policy_version": str(row.get("policy_version", 0))})
-    if chosen:
-        mlflow.flush_trace_async_logging()
+    # no flush here: MLflow writes traces in the background, and a flush waits out its writer's 1-second poll
+    # (about 1 s per stage on the critical path); flush_traces at the end of a run, and at exit, write the rest
+
+
+def flush_traces() -> None:
+    """Wait until the traces logged so far are in the store."""
+    import mlflow
+
+    mlflow.flush_trace_async_logging()
 
 
 def log_metrics(metrics: dict[str, float], step: int, prefix: str = "", run_id: str | None = None) -> None:
