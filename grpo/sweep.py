@@ -7,6 +7,7 @@ accuracy is logged beside it and never used to choose."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from grpo.errors import ConfigError, TrackingError
@@ -221,8 +222,6 @@ def _run_trial(study, cfg, experiment_id: str, parent: str | None = None) -> Non
     from grpo import tracking
     from grpo.errors import GrpoError
     from grpo.pipeline import run_main
-
-    import time
 
     trial, started = study.ask(), time.monotonic()
     trial_cfg = suggest(trial, cfg)
