@@ -214,7 +214,10 @@ class _Shape:
             if self.owner.pool is None:
                 self.owner.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.owner.pool):
+            # thread_local: in a group rank, engine and trainer share the process, and the trainer's checkpoint
+            # thread pins host memory (cudaHostRegister) meanwhile; in the default (global) mode that call from
+            # another thread invalidates this capture (seen on 2 x H200: ranks=2, the rollout after a checkpoint)
+            with torch.cuda.graph(graph, pool=self.owner.pool, capture_error_mode="thread_local"):
                 self._step(span)
             self.graphs[span] = graph
         self.graphs[span].replay()
