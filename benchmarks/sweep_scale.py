@@ -43,7 +43,8 @@ def build_model(folder: Path, tokenizer: str) -> str:
 
 
 def run_sweep(model: str, out: Path, workers: int, args, trials: int, name: str = "", cache: Path | None = None
-              ) -> float:
+              ) -> tuple[float, Path]:
+    """One sweep in a folder of its own under `out`: (wall-clock seconds, the folder)."""
     folder = out / (name or f"workers-{workers}")
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -64,7 +65,7 @@ def run_sweep(model: str, out: Path, workers: int, args, trials: int, name: str 
     done = subprocess.run([sys.executable, str(ROOT / "entrypoints" / "sweep.py"), *flags], cwd=folder, env=env)
     if done.returncode:
         sys.exit(f"sweep with {workers} workers failed ({done.returncode}; its output is above)")
-    return time.perf_counter() - started
+    return time.perf_counter() - started, folder
 
 
 def trial_times(folder: Path, workers: int) -> dict:
@@ -104,13 +105,13 @@ def main(argv=None):
     model = args.model or build_model(out / "smollm2-shape", args.tokenizer or resolve("smollm2-135m"))
     cache = None
     if args.warm:
-        seconds = run_sweep(model, out, 1, args, 1, name="warm-up")
-        cache = out / "warm-up" / "compiled"
+        seconds, folder = run_sweep(model, out, 1, args, 1, name="warm-up")
+        cache = folder / "compiled"
         print(f"| warm-up: 1 trial in {seconds:.0f} s (its compiled kernels start each sweep below)", flush=True)
     rows = []
     for workers in args.workers:
-        seconds = run_sweep(model, out, workers, args, args.trials, cache=cache)
-        times = trial_times(out / f"workers-{workers}", workers)
+        seconds, folder = run_sweep(model, out, workers, args, args.trials, cache=cache)
+        times = trial_times(folder, workers)
         rows.append({"workers": workers, "trials": args.trials, "seconds": seconds,
                      "trials_per_hour": 3600 * args.trials / seconds, **times,
                      "trials_per_hour_in_span": 3600 * args.trials / times["trials_span_seconds"]})

@@ -281,8 +281,8 @@ def _requests(rank: int, size: int, reply):
     sys.stdin.reconfigure(encoding="utf-8")  # messages are UTF-8 whatever the locale (orjson writes no escapes)
     for line in sys.stdin:
         request = loads(line)
-        request["read_at"] = time.monotonic()
         if request["op"] == "train":
+            request["read_at"] = time.monotonic()  # the trainer's idle time ends here (reading the rows is work)
             from grpo.artifacts import read_jsonl
 
             try:
@@ -343,7 +343,7 @@ def serve() -> None:
 
                 summary = drain(trainer.train(request["rows"], request["iteration"], request["seed"],
                                               request["total_steps"]), reply)
-                if trained_at is not None and "read_at" in request:  # rank 0's: not training since the last one
+                if trained_at is not None:  # not training since the last one
                     summary["idle_seconds"] = request["read_at"] - trained_at
                 reply({"summary": summary})
                 trained_at = time.monotonic()
