@@ -13,9 +13,10 @@ def main(cfg, hints):
     import mlflow
 
     from grpo.artifacts import check_replaceable, read_jsonl
+    from grpo.batches import plan_steps
     from grpo.pipeline import logged_finetune
     from grpo.stages import recorded, rows_model
-    from grpo.trainer import Trainer, plan_steps, trainable
+    from grpo.trainer import Trainer, trainable
     from grpo.workspace import place
 
     rows = read_jsonl(Path(cfg.io.annotated)) if cfg.io.annotated else []

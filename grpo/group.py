@@ -147,16 +147,22 @@ def gather(value) -> list | None:
 
 
 def share(items: list, rank: int, size: int) -> list:
-    """This rank's items: every size-th, starting at its rank (neighbours in a sorted list spread evenly)."""
-    return items[rank::size]
+    """This rank's items, dealt in snake order (ranks 0..size-1, then size-1..0, ...): from a list sorted by length
+    every rank gets a like share of the total, where dealing round-robin gives the last rank the longest item of
+    every round (4% more tokens than rank 0 in a step of 32 rows 140-670 tokens long, which rank 0 waits for)."""
+    return [item for k, item in enumerate(items) if _dealt(k, size) == rank]
 
 
 def unshare(parts: list[list]) -> list:
     """The inverse of `share` over all ranks' parts."""
-    out = [None] * sum(map(len, parts))
-    for rank, part in enumerate(parts):
-        out[rank::len(parts)] = part
-    return out
+    dealt = [iter(part) for part in parts]
+    return [next(dealt[_dealt(k, len(parts))]) for k in range(sum(map(len, parts)))]
+
+
+def _dealt(k: int, size: int) -> int:
+    """The rank that `share` deals item k to."""
+    turn, seat = divmod(k, size)
+    return seat if turn % 2 == 0 else size - 1 - seat
 
 
 class GradientSum:

@@ -43,10 +43,21 @@ def pack(prompts: list[list[int]], completions: list[list[int]], device) -> Pack
         targets += c
         seq += [row] * len(c)
         starts.append(offset + len(p) + len(c))
-    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    return Packed(as_long(ids)[None], as_long(positions)[None], torch.tensor(starts, dtype=torch.int32, device=device),
-                  max(b - a for a, b in zip(starts, starts[1:])), as_long(where), as_long(targets), as_long(seq),
-                  as_long([len(c) for c in completions]))
+    lengths = [len(c) for c in completions]
+    host = torch.tensor(ids + positions + where + targets + seq + lengths + starts, dtype=torch.long)
+    ids_, positions_, where_, targets_, seq_, lengths_, starts_ = to_device(host, device).split(
+        [len(ids), len(positions), len(where), len(targets), len(seq), len(lengths), len(starts)])
+    return Packed(ids_[None], positions_[None], starts_.int(), max(b - a for a, b in zip(starts, starts[1:])),
+                  where_, targets_, seq_, lengths_)
+
+
+def to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`, in one copy that does not wait for the GPU: from pageable memory a copy syncs
+    the stream, so the GPU would idle while the host builds the next micro-batch; from pinned memory it queues
+    behind the kernels before it (the caching host allocator keeps the buffer until the copy is done)."""
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def micro_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:

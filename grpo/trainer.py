@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 import time
 from pathlib import Path
 from typing import Iterator
@@ -14,6 +13,7 @@ from typing import Iterator
 import torch
 
 from grpo.artifacts import checkpoint_info, state_once
+from grpo.batches import DeviceInputs, pack_rows, plan_steps, row_tokens
 from grpo.checkpointing import CheckpointWriter
 from grpo.errors import DataError, NumericsError
 from grpo.group import GradientSum, share, sum_values, world
@@ -43,33 +43,25 @@ def drain(steps, each=None) -> dict:
             each(event)
 
 
-def plan_steps(rows: list[dict], optim, seed: int, iteration: int) -> list[list[list[int]]]:
-    """Optimiser steps of train_batch_size x gradient_accumulation_passes sequences (the last one shorter), each
-    cut into micro-batches of at most train_batch_size rows and max_tokens_per_micro_batch tokens. Rows are
-    shuffled (seeded by iteration); within a step they are sorted by length so micro-batches pack tightly."""
-    from grpo.scoring import micro_batches
-
-    order = list(range(len(rows)))
-    random.Random(seed * 1_000_003 + iteration).shuffle(order)
-    per_step = optim.train_batch_size * optim.gradient_accumulation_passes
-    steps = []
-    for first in range(0, len(order), per_step):
-        chosen = sorted(order[first:first + per_step], key=lambda i: _tokens(rows[i]))
-        lengths = [_tokens(rows[i]) for i in chosen]
-        steps.append([[chosen[k] for k in batch] for batch in
-                      micro_batches(lengths, optim.train_batch_size, optim.max_tokens_per_micro_batch)])
-    return steps
-
-
-def _tokens(row: dict) -> int:
-    """Prompt and completion tokens of a row: its length in a packed micro-batch."""
-    return len(row["prompt_ids"]) + len(row["completion_ids"])
-
-
-def _pack_rows(rows: list[dict], device: str):
-    from grpo.scoring import pack
-
-    return pack([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], device)
+def clipped_step(optimizer, params: list, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_(params, max_norm) then optimizer.step(), unless the gradients' norm is not finite: then the
+    step changes neither weights nor optimiser state. Returns that norm before clipping, not read to the host.
+    Fused AdamW clips inside its kernel (dividing by the `grad_scale` that GradScaler also sets, here
+    max(1, norm / max_norm)) and skips on `found_inf`: no pass of its own over the gradients, and the step is
+    queued without waiting for the norm."""
+    if not optimizer.defaults.get("fused"):  # sharded (FSDP2 gradients), or another optimiser
+        norm = gradient_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if math.isfinite(norm):
+            optimizer.step()
+        return torch.tensor(norm)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)  # clip_grad_norm_'s coefficient, inverted
+    optimizer.found_inf = (~torch.isfinite(norm)).float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf
+    return norm
 
 
 @torch.no_grad()
@@ -130,7 +122,7 @@ class Trainer:
         self._pairs = list(zip(self.model.parameters(), self.compute.parameters()))  # (master, compute), tied once
         # an unsharded group sums gradients during the last backward of each step (FSDP2 reduces them itself)
         self.gradient_sum = GradientSum(self._pairs) if world()[1] > 1 and not shard else None
-        kwargs = {"fused": True} if device == "cuda" and not shard else {}
+        kwargs = {"fused": True} if not shard else {}  # grpo.trainer.clipped_step clips inside its kernel
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.learning_rate,
                                            weight_decay=optim.weight_decay, **kwargs)
         self.checkpoints = CheckpointWriter(self.model, self.optimizer, self.tokenizer, device, shard)
@@ -155,13 +147,14 @@ class Trainer:
         mine = [self._my_batches(kept, batches) for batches in steps]
         if self.optim.old_logprobs == "trainer":
             context["old"] = self._trainer_old_logprobs(kept, mine, context["temperature"])
+        inputs = DeviceInputs(kept, [batch for batches in mine for batch in batches], self.device, context["reference"])
         started, tokens_done, summary = time.perf_counter(), 0, {}
         for batches, my_batches in zip(steps, mine):
             step_started = time.perf_counter()
             step_rows = [kept[i] for batch in batches for i in batch]
-            sums = self._accumulate(kept, my_batches, step_rows, context)
+            sums = self._accumulate(my_batches, inputs, step_rows, context)
             lr, grad_norm = self._update(sums, total_steps)
-            trained = sum(_tokens(r) for r in step_rows)
+            trained = sum(row_tokens(r) for r in step_rows)
             tokens_done += trained
             n = max(sums["tokens"], 1)
             summary = {"loss": sums["loss"], **({"kl": sums["kl_sum"] / n} if context["reference"] else {}),
@@ -189,7 +182,7 @@ class Trainer:
 
         def cut(r: int) -> list[list[int]]:
             chosen = share([i for batch in batches for i in batch], r, size)
-            cuts = micro_batches([_tokens(rows[i]) for i in chosen], self.optim.train_batch_size,
+            cuts = micro_batches([row_tokens(rows[i]) for i in chosen], self.optim.train_batch_size,
                                  self.optim.max_tokens_per_micro_batch)
             return [[chosen[k] for k in batch] for batch in cuts]
 
@@ -199,10 +192,10 @@ class Trainer:
 
         return pad_batches([cut(r) for r in range(size)], rank)
 
-    def _accumulate(self, rows, batches, step_rows, context) -> dict:
-        """Forward and backward over this rank's micro-batches of one optimiser step, each weighted by the whole
-        step's totals (so ranks' gradients add up to the step's); the step's loss and metric sums, over the
-        group (one host sync)."""
+    def _accumulate(self, batches, inputs: DeviceInputs, step_rows, context) -> dict:
+        """Forward and backward over this rank's micro-batches of one optimiser step (their tensors from
+        `inputs`), each weighted by the whole step's totals (so ranks' gradients add up to the step's); the
+        step's loss and metric sums, over the group (one host sync)."""
         from grpo.loss import grpo_loss, token_weights, truncated_is_weight
         from grpo.scoring import autocast
 
@@ -216,28 +209,26 @@ class Trainer:
             last = index == len(batches) - 1
             if self.sharded:  # gradients are reduced over the ranks in the step's last backward only
                 self.scorer.set_requires_gradient_sync(last)
-            chosen = [rows[i] for i in batch]
-            packed = _pack_rows(chosen, device)
-            flat = lambda key: torch.tensor([x for r in chosen for x in r[key]], device=device)  # noqa: E731
-            sampler = flat("logprobs")
-            adv = torch.tensor([r["advantage"] for r in chosen], device=device)[packed.seq]
+            packed, sampler, ref, advantages = inputs.take()
+            adv = advantages[packed.seq]
             weights = token_weights(packed.seq, packed.seq_tokens, optim.loss_reduction, len(step_rows), step_tokens,
                                     context["max_tokens"])
             with autocast(device):
                 new = self._logprobs(packed, context["temperature"])
             if isinstance(batch, Filler):
                 (new.sum() * 0.0).backward()
+                inputs.ahead()
                 continue
             old_logp = sampler if old is None else torch.cat([old[i] for i in batch])
             is_weight = None if old is None else truncated_is_weight(old_logp, sampler, optim.tis_cap)
             if gap.pending:
                 gap.add(new.detach(), sampler)
-            ref = flat("ref_logprobs") if context["reference"] else None
             loss, m = grpo_loss(new, old_logp, ref, adv, weights, optim.epsilon,
                                 optim.epsilon_high, optim.kl_coef, is_weight)
             if self.gradient_sum and last:
                 self.gradient_sum.arm()
             loss.backward()
+            inputs.ahead()  # queued behind the backward, the next micro-batch's tensors cost the GPU no idle time
             self._grads_to_master()
             sums["loss"] = loss.detach() + sums["loss"]
             sums["ratio_max"] = torch.maximum(sums["ratio_max"], m.pop("ratio_max"))
@@ -263,17 +254,16 @@ class Trainer:
         lr = learning_rate(self.optim, self.step, total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        grad_norm = gradient_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip))
+        norm = clipped_step(self.optimizer, list(self.model.parameters()), self.optim.grad_clip)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.compute is not self.model:  # an unchanged master where the step was skipped
+            masters, computes = zip(*self._pairs)
+            with torch.no_grad():
+                torch._foreach_copy_(list(computes), list(masters))
+        grad_norm = gradient_norm(norm)  # the host waits here, with the next micro-batch already sent
         if not math.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
             raise NumericsError(f"gradient norm is {grad_norm} at optimiser step {self.step}; nothing of it was "
                                 "kept. Lower learning_rate")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.compute is not self.model:
-            with torch.no_grad():
-                for master, compute in self._pairs:
-                    compute.copy_(master)
         self.step += 1
         return lr, grad_norm
 
@@ -292,7 +282,7 @@ class Trainer:
         old = {}
         for batches in steps:
             for batch in batches:
-                packed = _pack_rows([rows[i] for i in batch], self.device)
+                packed = pack_rows([rows[i] for i in batch], self.device)
                 with autocast(self.device):
                     values = self._logprobs(packed, temperature)
                 if isinstance(batch, Filler):

@@ -409,3 +409,18 @@ def test_gradient_sums_start_during_the_last_backward_and_equal_every_micro_batc
 
 if __name__ == "__main__":
     _gradient_sum_rank(sys.argv[1])
+
+
+def test_ranks_are_dealt_rows_in_snake_order_so_sorted_lengths_balance():
+    """`share` deals a list sorted by length 0,1,1,0,0,1,...: two ranks get equal totals of 1..8 (round-robin would
+    give 16 and 20); `unshare` puts every rank's part back in order, for any number of ranks and items."""
+    from grpo.group import share, unshare
+
+    assert [share(list(range(1, 9)), r, 2) for r in range(2)] == [[1, 4, 5, 8], [2, 3, 6, 7]]
+    assert [share(list(range(7)), r, 3) for r in range(3)] == [[0, 5, 6], [1, 4], [2, 3]]
+    for size in (1, 2, 3, 4):
+        for n in (0, 1, 5, 8, 13):
+            items = [f"row-{k}" for k in range(n)]
+            parts = [share(items, r, size) for r in range(size)]
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+            assert unshare(parts) == items

@@ -1,5 +1,6 @@
 """The trainer on the tiny model: direction of an update, exact normalisation over micro-batches, metrics,
 numerics, background checkpoints and the learning-rate schedule."""
+import copy
 import json
 import math
 from pathlib import Path
@@ -221,3 +222,33 @@ def test_fused_norms_give_the_models_own_logprobs_and_gradients(tiny_model_dir, 
     for a, b in zip(*values):
         assert torch.allclose(a, b, rtol=tolerance, atol=tolerance), (a - b).abs().max()
     assert values[0][0].abs().sum() > 0 and values[0][1].abs().sum() > 0  # something was compared
+
+
+def test_clipped_step_is_clip_grad_norm_then_step_and_skips_a_non_finite_norm():
+    """Fused AdamW clips inside its kernel: the weights of clip_grad_norm_ then step (to rounding), with the norm
+    above and below the clip; a gradient whose norm is not finite leaves weights and AdamW's state as they were."""
+    from grpo.trainer import clipped_step
+
+    torch.manual_seed(0)
+    for max_norm in (0.5, 1e6):
+        expected, mine = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+        mine.load_state_dict(expected.state_dict())
+        optims = [torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.1, fused=True) for m in (expected, mine)]
+        for _ in range(3):
+            x = torch.randn(5, 8)
+            for m in (expected, mine):
+                (m(x) ** 2).sum().backward()
+            norm = torch.nn.utils.clip_grad_norm_(expected.parameters(), max_norm)
+            optims[0].step()
+            assert (norm > max_norm) == (max_norm == 0.5)
+            assert clipped_step(optims[1], list(mine.parameters()), max_norm).item() == pytest.approx(norm.item())
+            for optim in optims:
+                optim.zero_grad()
+            for a, b in zip(expected.parameters(), mine.parameters()):
+                assert torch.allclose(a, b, rtol=0, atol=1e-6)
+    weights, state = copy.deepcopy(mine.state_dict()), copy.deepcopy(optims[1].state_dict()["state"])
+    mine.weight.grad, mine.bias.grad = torch.full_like(mine.weight, math.inf), torch.zeros_like(mine.bias)
+    assert math.isinf(clipped_step(optims[1], list(mine.parameters()), 1.0).item())
+    assert all(torch.equal(v, weights[k]) for k, v in mine.state_dict().items())
+    after = optims[1].state_dict()["state"]
+    assert all(torch.equal(after[p][k], state[p][k]) for p in state for k in state[p])
