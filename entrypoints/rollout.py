@@ -16,7 +16,7 @@ def main(cfg, hints):
     i = cfg.io.iteration
     with tracking.stage_run("rollout", cfg.as_params("rollout"), run_name=f"rollout-{i}"):
         out = claim_output(Path(cfg.io.output or "rollouts"), cfg.io.overwrite) / f"iter-{i:04d}.jsonl"
-        m = logged_rollout(Workspace(cfg, checkpoint=cfg.io.checkpoint), i, out)
+        _, m = logged_rollout(Workspace(cfg, checkpoint=cfg.io.checkpoint), i, out)
         print(f"rollouts: {out}  reward_mean={m['reward_mean']:.3f}  boxed={m['boxed_rate']:.1%}  "
               f"{m['tokens_per_s']:.0f} tokens/s")
 

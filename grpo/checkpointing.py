@@ -64,7 +64,7 @@ class CheckpointWriter:
 
     def load(self, path: Path) -> None:
         """The optimiser state and RNG of the checkpoint at `path` (its weights are the model's already), if it
-        has them. AdamW's kernels stay this run's choice (fused on a GPU unless sharded), not the saving run's."""
+        has them. AdamW's kernels stay this run's choice (fused unless sharded), not the saving run's."""
         if not (path / OPTIMIZER_STATE).is_file():
             return
         saved = torch.load(path / OPTIMIZER_STATE, map_location="cpu" if self.sharded else self.device)

@@ -190,6 +190,17 @@ def load_tokenizer(model: str):
     return tokenizer
 
 
+def decode_all(tokenizer, sequences: list[list[int]]) -> list[str]:
+    """Texts of many token sequences, special tokens skipped: `tokenizer.decode` of each, in one call to a fast
+    tokenizer's backend, outside Python's loop (2,048 x 512 tokens: 0.46 s against 0.92 s one by one, even with
+    the backend's threads off as grpo.console sets them). A tokenizer that cleans up spaces after decoding (by
+    rules that vary with its kind and the transformers version) decodes one by one."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "decode_batch") or tokenizer.clean_up_tokenization_spaces:
+        return [tokenizer.decode(s, skip_special_tokens=True) for s in sequences]  # decode's own clean-up rules
+    return backend.decode_batch(sequences, skip_special_tokens=True)
+
+
 def serving_dtype(device: str):
     """What engines serve in (and so what a hand-over carries): bf16 on a GPU, float32 on a CPU."""
     import torch

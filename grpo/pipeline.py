@@ -30,7 +30,7 @@ PARENT_METRICS = {
                  "sampler_gap_mean": "sampler_gap_mean", "sampler_gap_max": "sampler_gap_max",
                  "sampler_outside_clip": "sampler_outside_clip", "weights_handoff_seconds": "handoff_seconds",
                  "weights_broadcast_seconds": "broadcast_seconds", "policy_lag": "policy_lag",
-                 "trainer_idle_seconds": "idle_seconds"},
+                 "trainer_idle_seconds": "idle_seconds", "trainer_rows_read_seconds": "rows_read_seconds"},
     "evaluate": {f"{split}_{m}": f"{split}_{m}" for split in ("val", "test")
                  for m in ("accuracy", "boxed_rate", "completion_tokens_mean")},
 }
@@ -64,6 +64,7 @@ class Chain:
         self.pending: tuple[int, object] | None = None  # (iteration, replies) of a finetune sent to the trainer
         self.floor: float | None = None  # probe gap between engine and trainer on the same weights
         self.broadcast_seconds = 0.0  # the last broadcast of the weights to the engine ranks
+        self.sampled: tuple[int | None, list | None] = None, None  # (iteration, rows) of the last rollout
 
     def path(self, kind: str, i: int) -> Path:
         return self.folder / kind / f"iter-{i:04d}.jsonl"
@@ -71,7 +72,9 @@ class Chain:
     # --- stage bodies: (stage run id) -> metrics ---
 
     def rollout(self, i: int, run_id: str) -> dict:
-        return logged_rollout(self.ws, i, self.path("rollouts", i))
+        rows, metrics = logged_rollout(self.ws, i, self.path("rollouts", i))
+        self.sampled = i, rows  # annotate takes them from here, not from the file it has just been written to
+        return metrics
 
     def sampled_with(self, i: int) -> int:
         """Trained iterations in the weights that sampled iteration i's rollouts (the rows' policy_version)."""
@@ -79,7 +82,9 @@ class Chain:
             return loads(handle.readline())["policy_version"]
 
     def annotate(self, i: int, run_id: str) -> dict:
-        rows = read_jsonl(self.path("rollouts", i))
+        (sampled, rows), self.sampled = self.sampled, (None, None)
+        if sampled != i:  # a resumed run's rollout finished before the restart
+            rows = read_jsonl(self.path("rollouts", i))
         return logged_annotate(self.ws, rows, i, self.path("annotated", i))
 
     def submit(self, i: int) -> None:
@@ -203,7 +208,7 @@ class Chain:
 
 # --- stage bodies with their logging, shared by the chain and the stand-alone entry points ---
 
-def logged_rollout(ws, i: int, out: Path) -> dict:
+def logged_rollout(ws, i: int, out: Path) -> tuple[list[dict], dict]:
     cfg = ws.cfg
     rows, metrics = stages.rollout(ws.engine, ws.builder, ws.splits.pool, cfg.sampling, cfg.engine.max_new_tokens,
                                    i, cfg.loop.seed, cfg.policy.model)
@@ -212,7 +217,7 @@ def logged_rollout(ws, i: int, out: Path) -> dict:
     tracking.log_metrics(metrics, step=i)
     tracking.log_file(out, "rollouts")
     tracking.log_traces(rows, "rollout", cfg.evaluation.trace_samples, step=i)
-    return metrics
+    return rows, metrics
 
 
 def logged_annotate(ws, rows: list[dict], i: int, out: Path) -> dict:
@@ -366,6 +371,7 @@ def _loop(cfg, chain: Chain, state: RunState) -> dict:
         run(Stage(f"annotate-{i}", i, lambda r: chain.annotate(i, r), PARENT_METRICS["annotate"],
                   cfg.as_params("annotate") | {"rollouts": str(chain.path("rollouts", i))}))
         if chain.pending is not None:  # max_lag 1: iteration i-1's, sent before this rollout
+            chain.trainer.read_ahead(chain.path("annotated", i))  # its rows, read while i-1 still trains
             collect(chain.pending[0])
         if loop.max_lag:
             chain.submit(i)

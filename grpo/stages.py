@@ -29,10 +29,13 @@ def rows_model(cfg, rows: list[dict]) -> str:
 
 
 def _rows(problems, prompt_ids, outputs, builder, **provenance) -> list[dict]:
+    from grpo.model import decode_all
+
     rows = []
+    texts = iter(decode_all(builder.tokenizer, [c.token_ids for completions in outputs for c in completions]))
     for group, (problem, prompt, completions) in enumerate(zip(problems, prompt_ids, outputs)):
         for attempt, c in enumerate(completions):
-            text = builder.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            text = next(texts)
             reward, outcome = task.score(text, problem.answer, c.truncated)
             rows.append(dict(problem_id=problem.id, group=group, attempt=attempt, question=problem.question,
                              gold=problem.answer, prompt=builder.text(problem), completion=text,

@@ -8,21 +8,19 @@ Weights leave the worker in memory: CUDA IPC handles of one flat buffer on a GPU
 on a CPU. The worker never touches MLflow: main logs what it reports."""
 from __future__ import annotations
 
-import base64
 import dataclasses
 import os
-import pickle
 import queue
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 from grpo.artifacts import dumps, loads
 from grpo.errors import GrpoError, TrainerError
+from grpo.handoff import Exporter, receive
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +32,7 @@ class TrainerClient:
     def __init__(self, timeout: float):
         self.timeout, self.process, self.lines = timeout, None, None
         self.who = "the trainer process"  # or the engine ranks (role="engine"), in what main says of it
-        self._cuda_buffer = None  # (handle, tensor) of the worker's shared weights buffer
+        self.cuda_buffer = None  # (handle, tensor) of the worker's shared weights buffer
         self.loading = ""  # what the worker is doing while main has not yet read its ready reply
 
     def start(self, *args, **kwargs) -> dict:
@@ -134,6 +132,10 @@ class TrainerClient:
                     "total_steps": total_steps}, what)
         return self._train_replies(what)
 
+    def read_ahead(self, annotated: Path) -> None:
+        """Let the worker read the rows of a finetune that main will send after the one running now (no reply)."""
+        self._send({"op": "read_ahead", "annotated": str(annotated)}, "reading rows ahead")
+
     def _train_replies(self, what: str):
         while True:
             reply = self._read(what)
@@ -151,7 +153,7 @@ class TrainerClient:
     def weights(self):
         """Iterator of (name, tensor) of the worker's current policy, in memory; the worker exports them when the
         iterator is first read (an engine that serves the trainer's own weights never reads it)."""
-        yield from _receive(self.ask({"op": "weights"}, "handing the new weights over")["weights"], self)
+        yield from receive(self.ask({"op": "weights"}, "handing the new weights over")["weights"], self)
 
     def export(self, folder: Path) -> None:
         """The current policy written as a bf16 Hugging Face folder (for a logged model)."""
@@ -176,7 +178,7 @@ class TrainerClient:
             except subprocess.TimeoutExpired:
                 self.process.kill()
         self.process = None
-        self._cuda_buffer = None
+        self.cuda_buffer = None
         self.loading = ""
 
 
@@ -184,67 +186,6 @@ def _pump(stream, lines: queue.Queue) -> None:
     for line in stream:
         lines.put(line)
     lines.put(None)  # end of stream: the worker exited
-
-
-def _receive(descriptor: dict, client: TrainerClient):
-    """Iterator of (name, tensor) views of the weights the worker exported."""
-    if descriptor["kind"] == "file":
-        from safetensors.torch import load_file
-
-        yield from load_file(descriptor["path"]).items()
-        return
-    handle = descriptor["handle"]
-    if client._cuda_buffer is None or client._cuda_buffer[0] != handle:
-        rebuild, args = pickle.loads(base64.b64decode(handle))
-        client._cuda_buffer = (handle, rebuild(*args))
-    buffer = client._cuda_buffer[1]
-    for name, offset, shape in descriptor["layout"]:
-        count = 1
-        for size in shape:
-            count *= size
-        yield name, buffer[offset:offset + count].view(shape)
-
-
-class _Exporter:
-    """Worker side of the in-memory hand-over: one flat buffer shared by CUDA IPC (exported once, refreshed in
-    place), or a safetensors file in /dev/shm on a CPU."""
-
-    def __init__(self, device: str):
-        self.device, self.buffer, self.handle, self.layout = device, None, None, []
-        shm = Path("/dev/shm")
-        self.folder = Path(tempfile.mkdtemp(prefix="grpo-weights-", dir=shm if shm.is_dir() else None))
-
-    def export(self, trainer) -> dict:
-        import torch
-
-        if self.device != "cuda":
-            from safetensors.torch import save_file
-
-            tensors = {name: t.detach().contiguous() for name, t in trainer.named_weights()}
-            path = self.folder / "weights.safetensors"
-            save_file(tensors, str(path.with_suffix(".tmp")))
-            os.replace(path.with_suffix(".tmp"), path)
-            return {"kind": "file", "path": str(path)}
-        params = list(trainer.named_weights())
-        if self.buffer is None:
-            from torch.multiprocessing.reductions import reduce_tensor
-
-            total, offset = sum(p.numel() for _, p in params), 0
-            self.buffer = torch.empty(total, dtype=torch.bfloat16, device="cuda")
-            for name, p in params:
-                self.layout.append((name, offset, list(p.shape)))
-                offset += p.numel()
-            self.handle = base64.b64encode(pickle.dumps(reduce_tensor(self.buffer))).decode()
-        with torch.no_grad():
-            for (name, offset, _), (_, p) in zip(self.layout, params):
-                self.buffer[offset:offset + p.numel()].copy_(p.reshape(-1))
-        torch.cuda.synchronize()
-        return {"kind": "cuda_ipc", "handle": self.handle, "layout": self.layout}
-
-    def close(self) -> None:
-        import shutil
-
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def share_cores(env: dict, processes: int) -> None:
@@ -271,30 +212,70 @@ def die_with_parent() -> None:
 
 def _requests(rank: int, size: int, reply):
     """Requests in order, on every rank: rank 0 reads main's lines (a train request with its rows, read once)
-    and passes each on to the group; a bad rows file is answered at once and never reaches the others."""
+    and passes each on to the group; a bad rows file is answered at once and never reaches the others. Rank 0
+    reads its lines in a thread of its own, so a `read_ahead` of the next finetune's rows (main sends it while the
+    trainer still learns from the iteration before, max_lag 1) is read while the trainer is busy."""
     from grpo import group
 
     if rank != 0:
         while (request := group.broadcast()) is not None:
             yield request
         return
-    sys.stdin.reconfigure(encoding="utf-8")  # messages are UTF-8 whatever the locale (orjson writes no escapes)
-    for line in sys.stdin:
-        request = loads(line)
-        if request["op"] == "train":
-            request["read_at"] = time.monotonic()  # the trainer's idle time ends here (reading the rows is work)
-            from grpo.artifacts import read_jsonl
+    requests, ahead = queue.Queue(), {}  # ahead: rows file -> (its version, its rows or the error reading them)
 
-            try:
-                request["rows"] = read_jsonl(Path(request["annotated"]))
-            except GrpoError as e:
-                reply({"error": str(e)})
+    def read() -> None:
+        try:
+            sys.stdin.reconfigure(encoding="utf-8")  # messages are UTF-8 whatever the locale (orjson: no escapes)
+            for line in sys.stdin:
+                request = loads(line)
+                if request["op"] == "read_ahead":
+                    ahead[request["annotated"]] = _version(request["annotated"]), _rows(request["annotated"])
+                    continue
+                if request["op"] == "train":
+                    request["read_at"] = time.monotonic()  # the trainer's idle time ends here (rows are work)
+                requests.put(request)
+            requests.put(None)
+        except BaseException as e:  # the serving loop raises it, as it would have reading the line itself
+            requests.put(e)
+
+    threading.Thread(target=read, name="requests", daemon=True).start()
+    while (request := requests.get()) is not None:
+        if isinstance(request, BaseException):
+            raise request
+        if request["op"] == "train":
+            version, rows = ahead.pop(request["annotated"], (None, None))
+            request["read_seconds"] = 0.0  # what the finetune waited for its rows
+            if rows is None or version != _version(request["annotated"]):  # not read ahead, or written since
+                started = time.perf_counter()
+                rows = _rows(request["annotated"])
+                request["read_seconds"] = time.perf_counter() - started
+            if isinstance(rows, GrpoError):
+                reply({"error": str(rows)})
                 continue
+            request["rows"] = rows
         if size > 1:
             group.broadcast(request)
         yield request
     if size > 1:
         group.broadcast(None)
+
+
+def _version(path: str) -> tuple | None:
+    try:
+        stat = os.stat(path)
+        return stat.st_mtime_ns, stat.st_size, stat.st_ino
+    except OSError:
+        return None
+
+
+def _rows(annotated: str):
+    """The rows of an annotated file, or the GrpoError that says why they cannot be read."""
+    from grpo.artifacts import read_jsonl
+
+    try:
+        return read_jsonl(Path(annotated))
+    except GrpoError as e:
+        return e
 
 
 def serve() -> None:
@@ -345,6 +326,7 @@ def serve() -> None:
                                               request["total_steps"]), reply)
                 if trained_at is not None:  # not training since the last one
                     summary["idle_seconds"] = request["read_at"] - trained_at
+                summary["rows_read_seconds"] = request["read_seconds"]
                 reply({"summary": summary})
                 trained_at = time.monotonic()
             elif op == "generate":
@@ -389,7 +371,7 @@ def _init(request: dict):
         torch.cuda.set_per_process_memory_fraction(request["memory_fraction"])
     trainer = Trainer(request["model"], Optim(**request["optim"]), device, request["checkpoint"],
                       request.get("shard", False))
-    return trainer, _Exporter(device), _probe(request)
+    return trainer, Exporter(device), _probe(request)
 
 
 def _probe(request: dict):

@@ -200,6 +200,9 @@ def test_killed_at_every_stage_of_every_iteration_and_resumed_each_time(store, p
     assert sorted(idle) == [1, 2] and all(idle[i] > 0 for i in idle)
     if not max_lag:
         assert all(idle[i] > busy[i] + history("time_annotate")[i] for i in idle), (idle, busy)
+    # overlapped, the trainer read iteration i's rows while it trained i-1 (main sent them ahead): no wait for them
+    read = history("trainer_rows_read_seconds")
+    assert read[0] > 0 and all((read[i] == 0) == bool(max_lag) for i in (1, 2)), read
     assert sorted(os.listdir(Path("grpo_runs") / run_id)) == ["lock", "state.json"]  # the folder was cleaned
 
 

@@ -74,3 +74,21 @@ def test_iteration_problems_are_seeded():
     first = iteration_problems(pool, 0, 4, seed=1)
     assert first == iteration_problems(pool, 0, 4, seed=1)
     assert first != iteration_problems(pool, 1, 4, seed=1) and first != iteration_problems(pool, 0, 4, seed=2)
+
+
+@pytest.mark.parametrize("clean_up", [False, True])
+def test_decoding_many_completions_at_once_gives_each_ones_decode(tokenizer, clean_up, monkeypatch):
+    """Rollout decodes every completion in one call to the fast tokenizer's backend: the same texts as `decode`
+    one by one (special tokens skipped; one by one where the tokenizer cleans up spaces), on random ids."""
+    import random
+
+    from grpo.model import decode_all
+
+    monkeypatch.setattr(tokenizer, "clean_up_tokenization_spaces", clean_up)
+    rng = random.Random(0)
+    special = list(tokenizer.all_special_ids)
+    sequences = [[rng.choice(special) if rng.random() < 0.1 else rng.randrange(tokenizer.vocab_size)
+                  for _ in range(rng.randrange(0, 40))] for _ in range(200)]
+    sequences.append(tokenizer(" 3 , so . The answer is \\boxed{12 } .", add_special_tokens=False)["input_ids"])
+    texts = decode_all(tokenizer, sequences)
+    assert texts == [tokenizer.decode(s, skip_special_tokens=True) for s in sequences]

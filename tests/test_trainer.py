@@ -158,7 +158,8 @@ def test_background_checkpoint_is_complete_and_resumes_step_and_optimizer(tiny_m
     torch.save(saved, target / OPTIMIZER_STATE)
     resumed = Trainer(tiny_model_dir, trainer.optim, "cpu", checkpoint=str(target))
     assert resumed.step == 2 and resumed.optimizer.state_dict()["state"]
-    assert resumed.optimizer.param_groups[0]["foreach"] is None  # this run's choice (fused on a GPU), not the saver's
+    group = resumed.optimizer.param_groups[0]
+    assert group["fused"] and group["foreach"] is None  # this run's choice (fused), not the saver's
     later = tmp_path / "run" / "checkpoints" / "iter-0001"
     trainer.save(later, background=False)
     assert not target.exists() and json.loads((later / CHECKPOINT_INFO).read_text())["global_step"] == 4
