@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import os
 import types
 from dataclasses import dataclass
@@ -150,11 +151,6 @@ def sequence_logprobs(model, packed: Packed, temperature: float) -> torch.Tensor
     return chunked_logprobs(hidden, head.weight, packed.targets, temperature)
 
 
-def split_by_row(values: torch.Tensor, packed: Packed) -> list[list[float]]:
-    """Per-token values [N] back into one list per row."""
-    return [chunk.tolist() for chunk in values.float().cpu().split(packed.seq_tokens.tolist())]
-
-
 def compute_dtype(device: str) -> torch.dtype:
     """bf16 where the trainer computes in it (GPU, and CPUs with bf16 units), float32 elsewhere: the dtype of the
     trainer's forward copy and of the reference model, so that KL starts at exactly 0."""
@@ -175,17 +171,37 @@ def autocast(device: str):
 def score_completions(model, prompts, completions, temperature: float, max_tokens: int = 16384,
                       progress=None) -> list[list[float]]:
     """Per-token logprobs of each completion (reference model, parity checks), in packed micro-batches of at most
-    max_tokens tokens, under the trainer's precision path. progress(done_rows) is called after each batch."""
+    max_tokens tokens, under the trainer's precision path. progress(done_rows) is called as each batch finishes.
+
+    The values stay on the device until the last batch: reading each batch's back (a sync) left the GPU idle while
+    the host packed the next one. The host waits only for the batch before the one just queued, for progress."""
     device = next(model.parameters()).device
-    out: list[list[float]] = []
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    values, queued = [], []  # queued: (event, rows) of batches not yet reported done
     for batch in micro_batches(lengths, len(lengths), max_tokens):
         packed = pack([prompts[i] for i in batch], [completions[i] for i in batch], device)
         with autocast(device.type):
-            out += split_by_row(sequence_logprobs(model, packed, temperature), packed)
+            values.append(sequence_logprobs(model, packed, temperature).float())
         if progress:
-            progress(len(batch))
-    return out
+            queued.append((_done_event(device), len(batch)))
+            while len(queued) > 1:
+                event, rows = queued.pop(0)
+                event.synchronize()
+                progress(rows)
+    flat = torch.cat(values).tolist() if values else []
+    for _, rows in queued:
+        progress(rows)
+    ends = list(itertools.accumulate(len(c) for c in completions))  # batches keep the rows' order
+    return [flat[end - len(c):end] for end, c in zip(ends, completions)]
+
+
+def _done_event(device: torch.device):
+    """Something whose synchronize() returns once the work queued on `device` so far is done."""
+    if device.type != "cuda":
+        return types.SimpleNamespace(synchronize=lambda: None)  # CPU work is done when it returns
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 def load_reference(model: str, device: str):

@@ -253,3 +253,20 @@ def test_clipped_step_is_clip_grad_norm_then_step_and_skips_a_non_finite_norm():
     assert all(torch.equal(v, weights[k]) for k, v in mine.state_dict().items())
     after = optims[1].state_dict()["state"]
     assert all(torch.equal(after[p][k], state[p][k]) for p in state for k in state[p])
+
+
+def test_scoring_in_many_micro_batches_gives_each_row_its_own_logprobs_and_reports_every_row(tiny_model_dir,
+                                                                                              tokenizer):
+    """score_completions keeps every micro-batch's values on the device to the end: rows of different lengths cut
+    into micro-batches of a few tokens get the logprobs they get scored one at a time, in order, and progress adds
+    up to the rows."""
+    model = load_model(tiny_model_dir, "cpu", dtype=torch.float32)
+    rows = _rows(tokenizer, model, 5)
+    prompts, completions = [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows]
+    done = []
+    cut = score_completions(model, prompts, completions, 0.7, max_tokens=len(prompts[0]) + 3, progress=done.append)
+    alone = [score_completions(model, [p], [c], 0.7)[0] for p, c in zip(prompts, completions)]
+    assert len(done) > 2 and sum(done) == 5
+    assert [len(v) for v in cut] == [len(c) for c in completions]
+    for got, want in zip(cut, alone):
+        assert got == pytest.approx(want, abs=1e-5)
