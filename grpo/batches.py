@@ -44,25 +44,24 @@ class DeviceInputs:
 
     def __init__(self, rows: list[dict], batches: list[list[int]], device: str, reference: bool):
         self.rows, self.batches, self.device, self.reference = rows, batches, device, reference
-        self.next, self.ready = 0, {}
+        self.next, self.prepared = 0, None  # the next micro-batch's index, and its tensors once `ahead` built them
 
     def take(self):
-        if self.next not in self.ready:
-            self.ahead()
-        inputs = self.ready.pop(self.next)
-        self.next += 1
+        inputs = self.prepared or self._build(self.next)
+        self.next, self.prepared = self.next + 1, None
         return inputs
 
     def ahead(self) -> None:
+        if self.prepared is None and self.next < len(self.batches):
+            self.prepared = self._build(self.next)
+
+    def _build(self, k: int):
         from grpo.scoring import to_device
 
-        k = self.next
-        if k >= len(self.batches) or k in self.ready:
-            return
         chosen = [self.rows[i] for i in self.batches[k]]
         tokens = sum(len(r["completion_ids"]) for r in chosen)
         keys = ["logprobs", "ref_logprobs"] if self.reference else ["logprobs"]
         floats = [x for key in keys for r in chosen for x in r[key]] + [r["advantage"] for r in chosen]
         parts = to_device(torch.tensor(floats, dtype=torch.float32), self.device).split(
             [tokens] * len(keys) + [len(chosen)])
-        self.ready[k] = (pack_rows(chosen, self.device), parts[0], parts[1] if self.reference else None, parts[-1])
+        return pack_rows(chosen, self.device), parts[0], parts[1] if self.reference else None, parts[-1]

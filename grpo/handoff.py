@@ -3,6 +3,7 @@ buffer that the worker exports once by CUDA IPC and refreshes in place, on a CPU
 from __future__ import annotations
 
 import base64
+import math
 import os
 import pickle
 import tempfile
@@ -23,10 +24,7 @@ def receive(descriptor: dict, client):
         client.cuda_buffer = (handle, rebuild(*args))
     buffer = client.cuda_buffer[1]
     for name, offset, shape in descriptor["layout"]:
-        count = 1
-        for size in shape:
-            count *= size
-        yield name, buffer[offset:offset + count].view(shape)
+        yield name, buffer[offset:offset + math.prod(shape)].view(shape)
 
 
 class Exporter:

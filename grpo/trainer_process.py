@@ -261,6 +261,7 @@ def _requests(rank: int, size: int, reply):
 
 
 def _version(path: str) -> tuple | None:
+    """What tells a rows file written again since it was read ahead (None: it is not there)."""
     try:
         stat = os.stat(path)
         return stat.st_mtime_ns, stat.st_size, stat.st_ino
